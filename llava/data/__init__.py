@@ -1,0 +1,1 @@
+"""Data: images, conversation templates, the processor (text + images -> model inputs)."""

@@ -1,0 +1,1 @@
+"""The model: vision tower, projector, AnyRes packing, LlavaForCausalLM, checkpoints."""

@@ -1,0 +1,111 @@
+"""Tiny random llava-hf checkpoints built with transformers itself, with a tokenizer trained on the
+spot: for tests, benchmarks and `make demo` on a machine with no downloads. Their answers are noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "USER: What is in the image? ASSISTANT: A red circle above a blue square.",
+    "USER: How many shapes are there? ASSISTANT: There are three shapes: a green triangle, a circle and a star.",
+    "### Human: Describe the picture. ### Assistant: The picture shows a small yellow square on the left.",
+    "[INST] What colour is the circle? [/INST] The circle is red.",
+    "the quick brown fox jumps over the lazy dog. one two three four five six seven eight nine ten.",
+    "What is shown? Where is it? Is there a cat? Yes. No. left right top bottom middle big small.",
+]
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+IMAGE_TOKEN = "<image>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}{% else %}{{ ' ASSISTANT: ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '</s>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+)
+
+
+def train_tokenizer(corpus: list[str] = CORPUS, vocab_size: int = 320):
+    """A Llama-style (metaspace BPE, BOS prepended) tokenizer with <image> as a special token."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!:;'\"()[]#/<>|_-\n")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet)
+    tok.train_from_iterator(corpus * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens=[IMAGE_TOKEN], padding_side="left")
+
+
+def tiny_configs(kind: str = "llava", vision: str = "clip", text: str = "llama", vocab_size: int = 512,
+                 image_size: int = 28, patch_size: int = 7, feature_layer=-2, strategy: str = "default",
+                 image_token_index: int = 0, hidden_act: str = "gelu", pinpoints=None, max_positions: int = 512):
+    """transformers configs for a tiny LLaVA: (LlavaConfig | LlavaNextConfig)."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, MistralConfig,
+                              Qwen2Config, SiglipVisionConfig)
+
+    vision_kwargs = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         image_size=image_size, patch_size=patch_size)
+    vision_config = (CLIPVisionConfig(projection_dim=16, **vision_kwargs) if vision == "clip"
+                     else SiglipVisionConfig(**vision_kwargs))
+    text_kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max_positions,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    text_config = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text](**text_kwargs)
+    common = dict(vision_config=vision_config, text_config=text_config, image_token_index=image_token_index,
+                  vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+                  projector_hidden_act=hidden_act)
+    if kind == "llava_next":
+        pinpoints = pinpoints or [[image_size, 2 * image_size], [2 * image_size, image_size],
+                                  [2 * image_size, 2 * image_size], [image_size, 3 * image_size],
+                                  [3 * image_size, image_size]]
+        return LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)
+    return LlavaConfig(**common)
+
+
+def build_tiny_checkpoint(folder: str | Path, kind: str = "llava", seed: int = 0, pad: bool = False,
+                          chat_template: bool = False, **config_kwargs) -> Path:
+    """Save a random tiny LlavaForConditionalGeneration / LlavaNextForConditionalGeneration with its
+    transformers processor (tokenizer trained here) to folder, exactly as transformers writes it."""
+    from transformers import (LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor)
+
+    folder = Path(folder)
+    tokenizer = train_tokenizer()
+    config = tiny_configs(kind=kind, vocab_size=len(tokenizer) + 8,
+                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), **config_kwargs)
+    torch.manual_seed(seed)
+    model_cls = LlavaNextForConditionalGeneration if kind == "llava_next" else LlavaForConditionalGeneration
+    model = model_cls(config).eval()
+    with torch.no_grad():  # random init is tiny; widen it so greedy decoding is not all one token
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "embed" not in name:
+                param.mul_(3.0)
+    model.save_pretrained(folder)
+    side = config.vision_config.image_size
+    image_kwargs = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    additional = 1 if config.vision_config.model_type.startswith("clip") else 0
+    proc_kwargs = dict(patch_size=config.vision_config.patch_size,
+                       vision_feature_select_strategy=config.vision_feature_select_strategy,
+                       num_additional_image_tokens=additional,
+                       chat_template=CHAT_TEMPLATE if chat_template else None)
+    if kind == "llava_next":
+        processor = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(
+            image_grid_pinpoints=config.image_grid_pinpoints, **image_kwargs), tokenizer=tokenizer, **proc_kwargs)
+    else:
+        processor = LlavaProcessor(image_processor=LlavaImageProcessorPil(do_pad=pad, **image_kwargs),
+                                   tokenizer=tokenizer, **proc_kwargs)
+    processor.save_pretrained(folder)
+    return folder
