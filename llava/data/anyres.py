@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 
 import numpy as np
 from PIL import Image
@@ -18,9 +19,10 @@ def parse_grid_pinpoints(pinpoints, patch_size: int | None = None) -> list[list[
     """Accept [[h, w], ...], its string form, or the original repo's range form '(1x1),...,(3x3)'."""
     if isinstance(pinpoints, str):
         if "x" in pinpoints and patch_size:
-            # "(1x1),...,(6x6)": every grid from the first to the last, in units of the tile size
-            ranges = [tuple(map(int, part.strip("() ").split("x"))) for part in pinpoints.split(",")]
-            (lo_w, lo_h), (hi_w, hi_h) = ranges[0], ranges[-1]
+            # "(1x1),...,(6x6)": every grid between the first and the last, each pair (width x height)
+            # in tiles, as LLaVA-NeXT writes it
+            grids = [tuple(map(int, m)) for m in re.findall(r"\((\d+)x(\d+)\)", pinpoints)]
+            (lo_w, lo_h), (hi_w, hi_h) = grids[0], grids[-1]
             return [[h * patch_size, w * patch_size] for w in range(lo_w, hi_w + 1) for h in range(lo_h, hi_h + 1)]
         pinpoints = ast.literal_eval(pinpoints)
     result = [[int(a), int(b)] for a, b in pinpoints]

@@ -1,0 +1,1 @@
+"""Generation: sampling settings, stop strings, batched KV-cached decoding, streaming, chat sessions."""
