@@ -97,14 +97,16 @@ class LlavaForCausalLM(nn.Module):
               image_features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings with the image features written over the image-token positions."""
         image_mask = input_ids == self.config.image_token_index
-        embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        embedding = self.get_input_embeddings()
+        # an image token id past the vocabulary (never the case in llava-hf checkpoints) must not index it
+        ids = input_ids.masked_fill(image_mask, 0) if self.config.image_token_index >= embedding.num_embeddings \
+            else input_ids
+        embeds = embedding(ids)
         if image_features is None and pixel_values is not None:
             image_features = self.get_image_features(pixel_values, image_sizes)
+        if image_features is None:
+            return embeds  # no images: an image token is an ordinary token, as in transformers
         n_tokens = int(image_mask.sum())
-        if image_features is None or len(image_features) == 0:
-            if n_tokens:
-                raise LlavaError(f"the input has {n_tokens} image tokens but no images were given")
-            return embeds
         features = torch.cat(list(image_features), dim=0).to(embeds.device, embeds.dtype)
         if n_tokens != features.shape[0]:
             raise LlavaError(f"the input has {n_tokens} image tokens but the images give {features.shape[0]} "
