@@ -47,10 +47,10 @@ def load_image(source, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MA
         image.load()
     except ImageError:
         raise
+    except Image.DecompressionBombError:  # PIL's own, larger, limit tripped while opening
+        raise ImageError(f"{label}: its pixel count is over the limit of {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{label}: not a readable image ({e.__class__.__name__}: {e})") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{label}: {e}") from None
     return image
 
 
@@ -59,7 +59,8 @@ def _check_pixels(image: Image.Image, max_pixels: int, label: str) -> None:
     if width < 1 or height < 1:
         raise ImageError(f"{label}: empty image ({width}x{height})")
     if width * height > max_pixels:
-        raise ImageError(f"{label}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}")
+        raise ImageError(f"{label}: {width}x{height} = {width * height} pixels is over the limit of "
+                         f"{max_pixels} pixels")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
