@@ -31,11 +31,14 @@ def _load(args):
 
 
 def cmd_chat(args) -> int:
+    from .data.conversation import CHAT_TEMPLATE, get_template
     from .data.images import load_image
     from .generate.chat import ChatSession
     from .generate.sampling import SamplingParams
 
-    image = load_image(args.image) if args.image else None  # check the image before loading the model
+    if args.conv_mode not in (None, CHAT_TEMPLATE):
+        get_template(args.conv_mode)  # an unknown name fails before the model is loaded
+    image = load_image(args.image) if args.image else None  # likewise a bad image
     model, processor = _load(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)

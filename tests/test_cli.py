@@ -89,3 +89,9 @@ def test_missing_model_folder_is_one_line_error(tmp_path, capsys):
     code = main(["chat", "--model", str(tmp_path / "none"), "--prompt", "hi"])
     err = capsys.readouterr().err
     assert code == 1 and "no such checkpoint folder" in err and "Traceback" not in err
+
+
+def test_unknown_conv_mode_is_one_line_error(checkpoints, capsys):
+    code = main(["chat", "--model", str(checkpoints("llava")), "--conv-mode", "nope", "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert code == 1 and "unknown conversation template 'nope'" in err and err.count("\n") == 1

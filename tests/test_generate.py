@@ -90,3 +90,12 @@ def test_chat_session_streams_what_it_returns_and_keeps_turns(checkpoints, photo
     session.ask("And the colour?")
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
     assert session.messages[0]["content"] == "<image>\nWhat is this?" and len(session.images) == 1
+
+
+def test_stop_strings_without_a_tokenizer_are_refused(checkpoints):
+    model, processor = llava.load_pretrained(checkpoints("llava"), device="cpu")
+    ids = processor(text="USER: hi ASSISTANT:", return_tensors="pt")["input_ids"]
+    with pytest.raises(llava.core.errors.LlavaError, match="stop strings need the tokenizer"):
+        model.generate(ids, max_new_tokens=2, stop_strings=["###"])
+    with_tokenizer = model.generate(ids, max_new_tokens=3, tokenizer=processor.tokenizer, stop_strings=["###"])
+    assert with_tokenizer.shape[1] <= ids.shape[1] + 3

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..core.errors import ContextLengthError
+from ..core.errors import ContextLengthError, LlavaError
 from .sampling import SamplingParams, next_tokens
 from .stopping import TextStream
 
@@ -40,6 +40,8 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     `on_text(row, delta)` receives each row's answer text as it is produced (needs `tokenizer`).
     """
     params = _params_from(params, overrides)
+    if params.stop and tokenizer is None and streams is None:
+        raise LlavaError("stop strings need the tokenizer: pass tokenizer=processor.tokenizer")
     device = model.device
     input_ids = input_ids.to(device)
     batch, length = input_ids.shape
