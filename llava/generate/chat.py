@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from ..data.conversation import stop_strings
@@ -29,7 +30,7 @@ class ChatSession:
         messages = self.messages + [{"role": "user", "content": content}]
         images = self.images + ([image] if image is not None else [])
         prompt, _ = self.processor.build_prompt(messages, conv_mode=self.conv_mode)
-        params = SamplingParams(**{**vars(self.params), "stop": self.params.stop + stop_strings(self.conv_mode)})
+        params = dataclasses.replace(self.params, stop=self.params.stop + stop_strings(self.conv_mode))
         callback = (lambda _row, delta: on_text(delta)) if on_text is not None else None
         answer = generate_text(self.model, self.processor, [prompt], images, params, on_text=callback)[0]
         answer = answer.strip()
