@@ -23,3 +23,11 @@ class TokenizationMismatchError(LlavaError):
 
 class ContextLengthError(LlavaError):
     """A prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+class DataError(LlavaError):
+    """A training record is malformed (names the file, the record's index and the reason)."""
+
+
+class TrainConfigError(LlavaError):
+    """A training recipe or command-line override is missing, unknown or out of range."""

@@ -8,6 +8,7 @@ so transformers, vLLM and SGLang open what we write, and we open every llava-hf 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -165,14 +166,25 @@ def save_pretrained(model: LlavaForCausalLM, processor: LlavaProcessor | None, f
         if processor is not None:
             processor.save_pretrained(tmp)
         if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
+            _move_into(tmp, folder)
         else:
             tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _move_into(tmp: Path, folder: Path) -> None:
+    """Replace the checkpoint files of an existing folder (a training output with checkpoints, logs)
+    file by file, each an atomic rename, config.json last; weight files of an older save that the new
+    one does not have are removed; anything else in the folder is left alone."""
+    new = {p.name for p in tmp.iterdir()}
+    for old in folder.glob("model*.safetensors*"):
+        if old.name not in new:
+            old.unlink()
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+        if path.is_dir():
+            shutil.rmtree(folder / path.name, ignore_errors=True)
+        os.replace(path, folder / path.name)
+    tmp.rmdir()

@@ -36,15 +36,18 @@ class LlavaOutput(ModelOutput):
 
 
 class LlavaForCausalLM(nn.Module):
-    def __init__(self, config: LlavaConfig):
+    base_model_prefix = ""  # transformers' convention; peft reads it when wrapping the model
+    def __init__(self, config: LlavaConfig, vision_tower: nn.Module | None = None,
+                 language_model: nn.Module | None = None):
+        """Built from config; pass pretrained `vision_tower` / `language_model` modules to use them as is."""
         super().__init__()
         self.config = config
         vision, text = config.vision_config, config.text_config
-        self.vision_tower = build_vision_tower(vision)
+        self.vision_tower = vision_tower if vision_tower is not None else build_vision_tower(vision)
         layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
         self.multi_modal_projector = Projector(config.projector_type, vision.hidden_size * layers, text.hidden_size,
                                                config.projector_hidden_act, config.multimodal_projector_bias)
-        self.language_model = AutoModelForCausalLM.from_config(text)
+        self.language_model = language_model if language_model is not None else AutoModelForCausalLM.from_config(text)
         if config.is_anyres:
             self.image_newline = nn.Parameter(torch.randn(text.hidden_size) / math.sqrt(text.hidden_size))
         if config.tie_word_embeddings:

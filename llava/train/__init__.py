@@ -1,0 +1,1 @@
+"""Training: LLaVA's two stages, LoRA/QLoRA, the loop on accelerate, checkpoints and resume."""
