@@ -71,6 +71,24 @@ def cmd_chat(args) -> int:
         print(flush=True)
 
 
+def cmd_train(args) -> int:
+    from .train.config import load_config, overrides_from_args
+    from .train.loop import train
+
+    result = train(load_config(args.config, overrides_from_args(args)))
+    if _is_main_process():
+        last = result.metrics[-1] if result.metrics else {}
+        print(f"llava train: {result.state.step} steps, final loss {last.get('loss', float('nan')):.4f}; "
+              f"model in {result.output}", file=sys.stderr)
+    return 0
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava", description="LLaVA: chat with images, on CPU or GPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--max-new-tokens", type=int, default=512)
     chat.set_defaults(func=cmd_chat)
+
+    from .train.config import add_arguments
+
+    train = sub.add_parser("train", help="train a LLaVA (stage 1 pretrain, stage 2 finetune, LoRA/QLoRA)",
+                           description="Train from a YAML recipe; every setting can be overridden by its flag. "
+                                       "Runs on several processes under torchrun / accelerate launch.")
+    train.add_argument("--config", default=None, help="YAML recipe (see recipes/)")
+    add_arguments(train)
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -109,3 +109,79 @@ def build_tiny_checkpoint(folder: str | Path, kind: str = "llava", seed: int = 0
                                    tokenizer=tokenizer, **proc_kwargs)
     processor.save_pretrained(folder)
     return folder
+
+
+def build_tiny_parts(folder: str | Path, seed: int = 0, vision: str = "clip", image_size: int = 28,
+                     patch_size: int = 7) -> tuple[Path, Path]:
+    """A tiny pretrained-style vision model (with its preprocessor_config.json) and a tiny causal LM
+    (with a tokenizer that has no <image> token), saved as transformers saves them: the two parts
+    stage 1 puts together. Returns (vision folder, language model folder)."""
+    from transformers import AutoModel, AutoModelForCausalLM, CLIPImageProcessorPil
+
+    folder = Path(folder)
+    configs = tiny_configs(vision=vision, image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(seed)
+    vision_model = AutoModel.from_config(configs.vision_config)
+    vision_model.save_pretrained(folder / "vision")
+    side = configs.vision_config.image_size
+    mean_std = {} if vision == "clip" else {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                          **mean_std).save_pretrained(folder / "vision")
+    tokenizer = train_tokenizer()
+    tokenizer_no_image = _without_image_token(tokenizer)
+    text_config = configs.text_config
+    text_config.vocab_size = len(tokenizer_no_image)
+    language_model = AutoModelForCausalLM.from_config(text_config)
+    language_model.save_pretrained(folder / "lm")
+    tokenizer_no_image.save_pretrained(folder / "lm")
+    return folder / "vision", folder / "lm"
+
+
+def _without_image_token(tokenizer):
+    """The same trained tokenizer with <image> left out of its special tokens and vocabulary."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != IMAGE_TOKEN]
+    data["model"]["vocab"] = {k: v for k, v in data["model"]["vocab"].items() if k != IMAGE_TOKEN}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", pad_token="<pad>", padding_side="left")
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def write_colour_dataset(folder: str | Path, images: int = 24, text_only: int = 6, jsonl: bool = False,
+                         seed: int = 0) -> Path:
+    """A small learnable LLaVA dataset: solid-colour images (sizes vary) asked "What colour is it?",
+    answered with the colour, plus text-only records. Returns the data file; images sit beside it."""
+    import json
+    import random
+
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records = []
+    for i in range(images):
+        name = list(COLOURS)[i % len(COLOURS)]
+        size = (rng.randint(20, 60), rng.randint(20, 60))
+        Image.new("RGB", size, COLOURS[name]).save(folder / "images" / f"{i}.png")
+        question = rng.choice(["What colour is it?", "Which colour is the image?", "Name the colour."])
+        first = f"<image>\n{question}" if i % 2 else f"{question}\n<image>"
+        records.append({"id": f"img-{i}", "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": first}, {"from": "gpt", "value": f"It is {name}."}]})
+    for i in range(text_only):
+        records.append({"id": f"text-{i}", "conversations": [
+            {"from": "human", "value": "Count to three."}, {"from": "gpt", "value": "one two three"},
+            {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "four five six"}]})
+    rng.shuffle(records)
+    path = folder / ("data.jsonl" if jsonl else "data.json")
+    if jsonl:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records, indent=1))
+    return path

@@ -59,6 +59,11 @@ class LlavaConfig:
     def image_token_id(self) -> int:
         return self.image_token_index
 
+    @property
+    def hidden_size(self) -> int:
+        """The language model's width (what accelerate's DeepSpeed "auto" bucket sizes are made from)."""
+        return self.text_config.hidden_size
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LlavaConfig":
         data = dict(data)

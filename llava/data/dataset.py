@@ -11,6 +11,7 @@ Image paths are relative to `image_folder` (by default the data file's folder). 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         message = f"{path}: record {index}: {reason}"
         if not self.skip_bad:
             raise DataError(message)
-        self.skipped[reason.split(":")[0].split(" (")[0]] += 1
+        kind = re.sub(r"\d+", "N", re.sub(r"\S*/\S*", "FILE", reason.split(" (")[0]))
+        self.skipped[kind] += 1  # counted by kind of problem, not by file
         if len(self.problems) < 20:
             self.problems.append(message)
 

@@ -30,6 +30,7 @@ from ..model.llava import LlavaForCausalLM
 from .config import TrainConfig
 
 IMAGE_SIDE = ("multi_modal_projector", "image_newline")
+DEFAULT_TEMPLATE = "vicuna_v1"  # the original's stage-2 template (--version v1)
 
 
 def load_start_model(config: TrainConfig) -> tuple[LlavaForCausalLM, LlavaProcessor]:
@@ -37,6 +38,14 @@ def load_start_model(config: TrainConfig) -> tuple[LlavaForCausalLM, LlavaProces
     dtype = resolve_dtype(config.dtype, torch.device("cpu"))
     if config.model:
         model, processor = load_pretrained(config.model, device="cpu", dtype=dtype)
+        if config.image_aspect_ratio == "anyres" and not model.config.is_anyres:
+            raise TrainConfigError(f"{config.model} is not an AnyRes (llava_next) model; to train AnyRes from a "
+                                   "stage-1 projector, give vision_tower + language_model + projector")
+        if config.image_aspect_ratio in ("pad", "square") and model.config.is_anyres:
+            raise TrainConfigError(f"{config.model} is an AnyRes (llava_next) model; image_aspect_ratio must be "
+                                   "anyres or unset")
+        if config.image_aspect_ratio in ("pad", "square"):
+            processor.image_processor.pad_to_square = config.image_aspect_ratio == "pad"
     else:
         model, processor = assemble(config, dtype)
     if config.projector:
@@ -100,7 +109,7 @@ def assemble(config: TrainConfig, dtype: torch.dtype) -> tuple[LlavaForCausalLM,
         torch.set_default_dtype(previous)
     processor = LlavaProcessor(tokenizer, image_processor, patch_size=vision_config.patch_size,
                                vision_feature_select_strategy=config.vision_feature_select_strategy,
-                               num_additional_image_tokens=additional)
+                               num_additional_image_tokens=additional, conv_mode=DEFAULT_TEMPLATE)
     return model, processor
 
 

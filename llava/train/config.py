@@ -28,7 +28,7 @@ class TrainConfig:
     projector_type: str = "mlp2x_gelu"       # for a new model: linear | mlpNx_gelu | identity
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "default"
-    image_aspect_ratio: str = "pad"          # for a new model: pad | square | anyres
+    image_aspect_ratio: str | None = None    # pad | square | anyres (new model); default: the checkpoint's / square
     image_grid_pinpoints: list | str | None = None  # anyres: [[h, w], ...] or "(1x1),...,(3x3)"
     dtype: str = "float32"                   # dtype of the frozen weights; trainable ones are kept in float32
     # -- what to train ----------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ class TrainConfig:
         need(self.stage in STAGES, f"stage {self.stage!r} is not one of {', '.join(STAGES)}")
         need(self.mixed_precision in PRECISIONS, f"mixed_precision {self.mixed_precision!r} is not one of "
                                                  f"{', '.join(PRECISIONS)}")
-        need(self.image_aspect_ratio in ("pad", "square", "anyres"),
+        need(self.image_aspect_ratio in (None, "pad", "square", "anyres"),
              f"image_aspect_ratio {self.image_aspect_ratio!r} is not pad, square or anyres")
         need(not (self.stage == "pretrain" and self.use_lora), "LoRA/QLoRA is for stage finetune; "
                                                                "stage pretrain trains only the projector")

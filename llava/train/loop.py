@@ -26,9 +26,9 @@ from ..core.errors import TrainConfigError
 from ..data.dataset import PLAIN, DataCollator, LlavaDataset
 from ..data.sampler import LengthGroupedSampler, rank_batches
 from ..model.checkpoint import save_pretrained
-from .build import IMAGE_SIDE, load_start_model, param_groups, set_trainable, upcast_trainable
+from .build import DEFAULT_TEMPLATE, IMAGE_SIDE, load_start_model, param_groups, set_trainable, upcast_trainable
 from .config import TrainConfig, save_config
-from .lora import apply_lora, merge_adapter, quantize_language_model, save_adapter
+from .lora import apply_lora, quantize_language_model, save_adapter
 from .metrics import MetricsLog, plot_loss
 from .state import TrainState, find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 
@@ -68,7 +68,7 @@ def _train(accelerator, config: TrainConfig, on_step) -> TrainResult:
         output.mkdir(parents=True, exist_ok=True)
     model, processor = load_start_model(config)
     load_dtype = model.dtype
-    template = config.template or (PLAIN if config.stage == "pretrain" else processor.conv_mode)
+    template = config.template or _default_template(config, processor)
     dataset = LlavaDataset(config.data_files, processor, image_folder=config.image_folder, template=template,
                            model_max_length=config.model_max_length, skip_bad=config.skip_bad)
     if dataset.skipped and accelerator.is_main_process:
@@ -78,6 +78,7 @@ def _train(accelerator, config: TrainConfig, on_step) -> TrainResult:
     collator = DataCollator(processor.tokenizer.pad_token_id, config.model_max_length, processor.image_token_id)
 
     model = _prepare_model(model, config)
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.learning_rate,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -165,13 +166,20 @@ def _train(accelerator, config: TrainConfig, on_step) -> TrainResult:
     if progress is not None:
         progress.close()
 
-    final = _finish(accelerator, config, model, processor, template, load_dtype, output)
+    final = _finish(accelerator, config, model, trained, processor, template, load_dtype, output)
     metrics = log.read() if log is not None else []
     if accelerator.is_main_process and metrics:
         plot_loss(metrics, output / "loss.png", title=f"llava train: {config.stage}")
     accelerator.wait_for_everyone()
     return TrainResult(output=output, state=state, model=final, metrics=metrics,
                        skipped=sum(dataset.skipped.values()))
+
+
+def _default_template(config: TrainConfig, processor) -> str:
+    """plain for stage 1; else the checkpoint's own template, unless that is plain (a stage-1 output)."""
+    if config.stage == "pretrain":
+        return PLAIN
+    return processor.conv_mode if processor.conv_mode != PLAIN else DEFAULT_TEMPLATE
 
 
 def _prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
@@ -230,23 +238,39 @@ def _progress(config, accelerator, total: int, initial: int, resumed):
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
 
-def _finish(accelerator, config: TrainConfig, model, processor, template: str, dtype, output: Path) -> nn.Module:
-    """The final llava-hf checkpoint in output/ (LoRA merged; the adapter kept in output/adapter)."""
+def _finish(accelerator, config: TrainConfig, model, trained: set[str], processor, template: str, dtype,
+            output: Path) -> nn.Module:
+    """The final llava-hf checkpoint in output/: the model training started from with the trained
+    weights put in (gathered from every process under ZeRO-3 / FSDP) and LoRA merged into the
+    full-precision base (for QLoRA too); the adapter is kept in output/adapter."""
     accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(model)  # every process takes part: it gathers sharded weights
     final = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
+        weights = {name: tensor for name, tensor in state.items() if name in trained}
+        final, _ = load_start_model(config)
         if config.use_lora:
+            final = apply_lora(final, config)
+            set_trainable(final, config)
+            _load_trained(final, weights)
             save_adapter(final, output / "adapter")
-            if config.qlora:  # merge into the full-precision base, not into the 4-bit weights
-                base, _ = load_start_model(config)
-                final = merge_adapter(base, output / "adapter")
-            else:
-                final = final.merge_and_unload()
+            final = final.merge_and_unload()
+        else:
+            _load_trained(final, weights)
         final.config.conv_mode = template
-        final = final.to(dtype)
+        final = final.to(dtype).eval()
         save_pretrained(final, processor, output)
+    del state
     accelerator.wait_for_everyone()
     return final
+
+
+def _load_trained(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    missing = sorted(set(weights) - set(own))
+    if missing:
+        raise TrainConfigError(f"trained weights the final model does not have: {', '.join(missing[:3])}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, strict=False)
 
 
 def _shutdown(accelerator) -> None:

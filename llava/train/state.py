@@ -1,6 +1,7 @@
 """Training checkpoints for exact resume: trained weights, optimizer, scheduler, data position, RNG.
 
-A checkpoint is output/checkpoint-STEP/. Every process writes into output/.checkpoint-STEP.tmp (its own
+A checkpoint is output/checkpoint-STEP/ (under DeepSpeed / FSDP the weights, optimizer and RNG are in
+accelerate's sharded layout in its accelerate/ subfolder). Every process writes into output/.checkpoint-STEP.tmp (its own
 RNG state; the main process also the weights and optimizer), and the main process renames the folder
 into place once all have finished, so a checkpoint-STEP folder is always complete; a run killed while
 writing leaves only a .tmp folder, which resume ignores and the next save replaces.
@@ -67,10 +68,14 @@ def save_checkpoint(accelerator, output: Path, state: TrainState, model, optimiz
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if _sharded(accelerator):  # DeepSpeed / FSDP: weights and optimizer are sharded; accelerate writes its own layout
+        accelerator.save_state(str(tmp / "accelerate"))
+    else:
+        torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        save_file(trainable_state(accelerator.unwrap_model(model)), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not _sharded(accelerator):
+            save_file(trainable_state(accelerator.unwrap_model(model)), str(tmp / WEIGHTS), metadata={"format": "pt"})
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / STATE).write_text(json.dumps(asdict(state), indent=2) + "\n")
     accelerator.wait_for_everyone()
@@ -115,6 +120,12 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler, expect
         if getattr(state, name) != getattr(expected, name):
             raise TrainConfigError(f"resume: {path} was written with {name}={getattr(state, name)}, this run has "
                                    f"{getattr(expected, name)}; the data order would differ")
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if (path / "accelerate").is_dir():
+        if not _sharded(accelerator):
+            raise CheckpointError(f"resume: {path} was written by a DeepSpeed/FSDP run; resume it the same way")
+        accelerator.load_state(str(path / "accelerate"))
+        return state
     unwrapped = accelerator.unwrap_model(model)
     tensors = load_file(str(path / WEIGHTS))
     params = dict(unwrapped.named_parameters())
@@ -127,8 +138,11 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler, expect
         for name, value in tensors.items():
             params[name].copy_(value)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def _sharded(accelerator) -> bool:
+    return accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
