@@ -51,7 +51,8 @@ def train_tokenizer(corpus: list[str] = CORPUS, vocab_size: int = 320):
 
 def tiny_configs(kind: str = "llava", vision: str = "clip", text: str = "llama", vocab_size: int = 512,
                  image_size: int = 28, patch_size: int = 7, feature_layer=-2, strategy: str = "default",
-                 image_token_index: int = 0, hidden_act: str = "gelu", pinpoints=None, max_positions: int = 512):
+                 image_token_index: int = 0, hidden_act: str = "gelu", pinpoints=None, max_positions: int = 512,
+                 text_hidden: int = 64, text_layers: int = 2):
     """transformers configs for a tiny LLaVA: (LlavaConfig | LlavaNextConfig)."""
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, MistralConfig,
                               Qwen2Config, SiglipVisionConfig)
@@ -60,7 +61,8 @@ def tiny_configs(kind: str = "llava", vision: str = "clip", text: str = "llama",
                          image_size=image_size, patch_size=patch_size)
     vision_config = (CLIPVisionConfig(projection_dim=16, **vision_kwargs) if vision == "clip"
                      else SiglipVisionConfig(**vision_kwargs))
-    text_kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    text_kwargs = dict(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
+                       num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max_positions,
                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
     text_config = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text](**text_kwargs)

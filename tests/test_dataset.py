@@ -177,7 +177,7 @@ def test_anyres_items_carry_tiles_and_sizes(tmp_path, next_processor):
 def test_modality_grouping_keeps_megabatches_single_modality():
     lengths = [((i * 37) % 50) + 1 for i in range(90)] + [-(((i * 11) % 30) + 1) for i in range(45)]
     batch, world = 4, 2
-    order = LengthGroupedSampler(lengths, batch, world, seed=3, group_by_modality=True).order(0)
+    order = LengthGroupedSampler(batch, world, lengths, seed=3, group_by_modality=True).order(0)
     assert sorted(order) == list(range(len(lengths)))
     mega = batch * world
     for start in range(0, len(order) - mega, mega):  # all but the last (the leftovers of both)
@@ -190,14 +190,14 @@ def test_modality_grouping_keeps_megabatches_single_modality():
 
 def test_sampler_order_depends_only_on_seed_and_epoch():
     lengths = [i % 7 + 1 for i in range(40)] + [-(i % 5 + 1) for i in range(20)]
-    a = LengthGroupedSampler(lengths, 4, 1, seed=1, group_by_modality=True)
+    a = LengthGroupedSampler(4, 1, lengths, seed=1, group_by_modality=True)
     torch.manual_seed(123)
     first = a.order(0)
     torch.manual_seed(999)  # the global generator's state does not matter, and is left as it was
     state = torch.get_rng_state()
     assert a.order(0) == first and torch.equal(torch.get_rng_state(), state)
     assert a.order(1) != first
-    assert LengthGroupedSampler(lengths, 4, 1, seed=2, group_by_modality=True).order(0) != first
+    assert LengthGroupedSampler(4, 1, lengths, seed=2, group_by_modality=True).order(0) != first
 
 
 def test_original_functions_behave_as_the_original():
@@ -218,3 +218,29 @@ def test_rank_batches_split_every_megabatch_and_fill_the_last():
     assert r0 == [[0, 1], [4, 5], [8, 9]] and r1 == [[2, 3], [6, 7], [0, 1]]
     assert rank_batches(order, 4, 1, 0) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert Counter(i for b in r0 + r1 for i in b) == Counter(order + [0, 1])
+
+
+def test_constructed_as_the_original_it_yields_the_original_order():
+    lengths = [i % 9 + 1 for i in range(50)] + [-(i % 4 + 1) for i in range(30)]
+    torch.manual_seed(5)
+    expected = get_modality_length_grouped_indices(lengths, 4, 2, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    sampler = LengthGroupedSampler(4, 2, lengths=lengths, generator=torch.Generator().manual_seed(1),
+                                   group_by_modality=True)
+    assert list(sampler) == expected and len(sampler) == 80
+
+
+def test_group_size_deals_one_steps_samples_into_similar_length_batches():
+    lengths = [(i * 7919) % 200 + 1 for i in range(64)]
+    plain = LengthGroupedSampler(4, 1, lengths, seed=0).order(0)
+    grouped = LengthGroupedSampler(4, 1, lengths, seed=0, group_size=4).order(0)
+    assert sorted(grouped) == list(range(64))
+
+    def padding(order):
+        batches = rank_batches(order, 4, 1, 0)
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(grouped) < padding(plain) / 2
+    # every window of 4 batches (one optimizer step with grad_accum 4) holds 16 samples, longest first
+    first_step = grouped[:16]
+    assert [lengths[i] for i in first_step] == sorted((lengths[i] for i in first_step), reverse=True)

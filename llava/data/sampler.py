@@ -72,20 +72,31 @@ def get_modality_length_grouped_indices(lengths, batch_size, world_size, generat
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
-    """The epoch's full order of sample indices (all processes), a pure function of (seed, epoch).
+    """The epoch's full order of sample indices (all processes).
 
-    lengths: per-sample lengths; with group_by_modality, negative for text-only samples.
-    Without grouping (group_by_length=False) the order is a plain seeded permutation.
+    Constructed as the original (batch_size, world_size, lengths, generator, group_by_modality) it
+    yields exactly the original's order. With `seed` instead, the order is a pure function of
+    (seed, epoch) (exact resume) and the global generator is left untouched.
+
+    group_size > 1 groups by length over group_size batches per process instead of one: the samples
+    of one optimizer step with gradient accumulation (world_size * batch_size * grad_accum, the original's
+    megabatch on as many GPUs), dealt out as group_size megabatches of similar length, longest first.
+    group_size=1 is the original. Without grouping (group_by_length=False) the order is a plain permutation.
     """
 
-    def __init__(self, lengths, batch_size: int, world_size: int = 1, seed: int = 0,
-                 group_by_length: bool = True, group_by_modality: bool = False):
-        self.lengths = list(lengths)
+    def __init__(self, batch_size: int, world_size: int = 1, lengths=None, generator=None,
+                 group_by_modality: bool = False, *, seed: int | None = None, group_size: int = 1,
+                 group_by_length: bool = True):
+        if lengths is None:
+            raise ValueError("lengths must be provided")
         self.batch_size = batch_size
         self.world_size = world_size
-        self.seed = seed
-        self.group_by_length = group_by_length
+        self.lengths = list(lengths)
+        self.generator = generator
         self.group_by_modality = group_by_modality
+        self.seed = seed
+        self.group_size = group_size
+        self.group_by_length = group_by_length
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -94,20 +105,47 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def order(self, epoch: int | None = None) -> list[int]:
-        seed = self.seed * 1_000_003 + (self.epoch if epoch is None else epoch)
-        generator = torch.Generator().manual_seed(seed)
+    def _indices(self, generator) -> list[int]:
+        batch = self.batch_size * self.group_size
         if not self.group_by_length:
             return torch.randperm(len(self.lengths), generator=generator).tolist()
+        if self.group_by_modality:
+            order = get_modality_length_grouped_indices(self.lengths, batch, self.world_size, generator=generator)
+        else:
+            order = get_length_grouped_indices([abs(x) for x in self.lengths], batch, self.world_size,
+                                               generator=generator)
+        return _deal(order, self.batch_size, self.world_size, self.group_size)
+
+    def order(self, epoch: int | None = None) -> list[int]:
+        if self.seed is None:
+            return self._indices(self.generator)
+        seed = self.seed * 1_000_003 + (self.epoch if epoch is None else epoch)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)  # the original's inner shuffles use the global generator
-            if self.group_by_modality:
-                return get_modality_length_grouped_indices(self.lengths, self.batch_size, self.world_size, generator)
-            return get_length_grouped_indices([abs(x) for x in self.lengths], self.batch_size, self.world_size,
-                                              generator)
+            return self._indices(torch.Generator().manual_seed(seed))
 
     def __iter__(self):
         return iter(self.order())
+
+
+def _deal(order: list[int], batch_size: int, world_size: int, group_size: int) -> list[int]:
+    """Re-lay megabatches of world_size chunks of (batch_size * group_size) samples, each chunk sorted
+    longest first, as group_size megabatches of world_size chunks of batch_size: megabatch k gives
+    process r the k-th slice of chunk r."""
+    if group_size == 1:
+        return order
+    big, chunk = world_size * batch_size * group_size, batch_size * group_size
+    out = []
+    for start in range(0, len(order), big):
+        window = order[start: start + big]
+        if len(window) < big:  # the leftover megabatch: kept as it is
+            out.extend(window)
+            continue
+        chunks = [window[r * chunk: (r + 1) * chunk] for r in range(world_size)]
+        for k in range(group_size):
+            for r in range(world_size):
+                out.extend(chunks[r][k * batch_size: (k + 1) * batch_size])
+    return out
 
 
 def rank_batches(order: list[int], batch_size: int, world_size: int = 1, rank: int = 0) -> list[list[int]]:

@@ -83,9 +83,11 @@ def _train(accelerator, config: TrainConfig, on_step) -> TrainResult:
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
     world, rank = accelerator.num_processes, accelerator.process_index
     lengths = dataset.modality_lengths if config.group_by_modality_length else dataset.lengths
-    sampler = LengthGroupedSampler(lengths, config.batch_size, world, seed=config.seed,
-                                   group_by_length=config.group_by_modality_length,
-                                   group_by_modality=config.group_by_modality_length)
+    # grouped over the samples of one optimizer step: on one GPU with grad_accum 8 the same grouping as
+    # the original on 8 GPUs; it changes only how a step's samples are split into micro-batches
+    sampler = LengthGroupedSampler(config.batch_size, world, lengths, seed=config.seed,
+                                   group_by_modality=config.group_by_modality_length,
+                                   group_by_length=config.group_by_modality_length, group_size=config.grad_accum)
     per_epoch = len(rank_batches(sampler.order(0), config.batch_size, world, rank))
     if config.max_steps > 0:
         total_steps = config.max_steps
