@@ -208,7 +208,8 @@ def _micro_step(model, batch, accelerator, trainable, image_side) -> tuple[torch
         return sum(p.reshape(-1)[0] for p in trainable) * 0.0, 0
     batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], labels=batch["labels"])
+                    pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], labels=batch["labels"],
+                    use_cache=False)
     if int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == 0:  # nothing to learn (all truncated)
         loss = outputs.logits.sum() * 0.0
     else:
