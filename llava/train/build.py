@@ -135,6 +135,7 @@ def _image_processor_for(config: TrainConfig, vision_config) -> ImageProcessor:
         data = json.loads(Path(path).read_text())
         data.pop("image_grid_pinpoints", None)
         data["image_processor_type"] = "CLIPImageProcessor"
+        data.setdefault("do_center_crop", "crop_size" in data)  # SigLIP resizes to a square, no crop
         processor = ImageProcessor.from_dict(data)
     else:
         side = int(vision_config.image_size)
