@@ -112,7 +112,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         if not self.skip_bad:
             raise DataError(message)
         kind = re.sub(r"\d+", "N", re.sub(r"\S*/\S*", "FILE", reason.split(" (")[0]))
-        self.skipped[kind] += 1  # counted by kind of problem, not by file
+        self._skip(kind, message)  # counted by kind of problem, not by file
+
+    def _skip(self, kind: str, message: str) -> None:
+        self.skipped[kind] += 1
         if len(self.problems) < 20:
             self.problems.append(message)
 
@@ -137,8 +140,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise DataError("turns must alternate human/gpt starting with human")
         if self.template == PLAIN and len(roles) != 2:
             raise DataError(f"the plain (pretrain) template takes one human and one gpt turn, got {len(roles)} turns")
-        images = record.get("image", [])
-        images = [images] if isinstance(images, str) else images
+        images = _images_of(record)
         if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
             raise DataError("'image' must be a path or a list of paths")
         tokens = sum(t["value"].count(DEFAULT_IMAGE_TOKEN) for t in turns if ROLES[t["from"]] == "user")
@@ -166,10 +168,10 @@ class LlavaDataset(torch.utils.data.Dataset):
             f.seek(entry.offset)
             return json.loads(f.readline())
 
-    def name(self, i: int) -> str:
-        """'file: record N (id X)', for error messages."""
+    def name(self, i: int, record: dict | None = None) -> str:
+        """'file: record N (id X)', for error messages (pass the record if it is already read)."""
         entry = self.entries[i]
-        record_id = self.record(i).get("id")
+        record_id = (record if record is not None else self.record(i)).get("id")
         return f"{self.files[entry.file]}: record {entry.index}" + (f" (id {record_id})" if record_id is not None else "")
 
     # -- lengths for the grouped sampler --------------------------------------------------------------
@@ -194,9 +196,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             message = str(e) if str(e).startswith(str(self.files[self.entries[i].file])) else f"{self.name(i)}: {e}"
             if not self.skip_bad:
                 raise DataError(message) from None
-            self.skipped[type(e).__name__] += 1
-            if len(self.problems) < 20:
-                self.problems.append(message)
+            self._skip(type(e).__name__, message)
             return None
 
     def encode(self, i: int) -> dict:
@@ -204,7 +204,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         entry = self.entries[i]
         record = self.record(i)
         paths = [self._image_path(p, self.files[entry.file])
-                 for p in ([record["image"]] if isinstance(record.get("image"), str) else record.get("image", []))]
+                 for p in _images_of(record)]
         images = [load_image(p) for p in paths]
         turns = _drop_leading(record["conversations"])
         if self.template == PLAIN:
@@ -215,7 +215,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in turns]
             prompt, spans = self.processor.build_prompt(messages, conv_mode=self.template, add_generation_prompt=False)
         sizes = [(image.height, image.width) for image in images]
-        input_ids, labels = self.processor.encode_with_labels(prompt, spans, sizes, sample=self.name(i))
+        input_ids, labels = self.processor.encode_with_labels(prompt, spans, sizes, sample=self.name(i, record))
         ids = torch.tensor(input_ids, dtype=torch.long)
         image_positions = (ids == self.processor.image_token_id).nonzero()
         if len(image_positions) and int(image_positions[-1]) >= self.model_max_length:
@@ -231,6 +231,12 @@ class LlavaDataset(torch.utils.data.Dataset):
             else:
                 item["pixel_values"] = torch.from_numpy(np.stack(processed))
         return item
+
+
+def _images_of(record: dict):
+    """The record's "image" as a list (it may be one path, a list, or absent)."""
+    images = record.get("image", [])
+    return [images] if isinstance(images, str) else images
 
 
 def _drop_leading(turns: list[dict]) -> list[dict]:

@@ -4,6 +4,7 @@ command line (each field is also a flag: `lora_r` is `--lora-r`)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -131,6 +132,14 @@ def _fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+@functools.cache
+def _kinds() -> dict[str, tuple]:
+    """Each field's accepted types: `int | None` -> (int, NoneType)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+            for name, hint in hints.items()}
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """A TrainConfig from a YAML recipe (optional) with `overrides` (already typed) on top."""
     values = {}
@@ -157,8 +166,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 def _coerce(name: str, value):
     """Check (and where harmless, convert) a recipe value against the field's type."""
-    hint = typing.get_type_hints(TrainConfig)[name]
-    args = [a for a in typing.get_args(hint)] if isinstance(hint, types.UnionType) else [hint]
+    args = _kinds()[name]
     if value is None and type(None) in args:
         return None
     for kind in args:
@@ -188,10 +196,8 @@ def add_arguments(parser) -> None:
     """One command-line flag per field (--lora-r 64, --lora / --no-lora, --data a.json b.jsonl)."""
     import argparse
 
-    hints = typing.get_type_hints(TrainConfig)
     for name, f in _fields().items():
-        hint = hints[name]
-        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        args = _kinds()[name]
         flag = "--" + name.replace("_", "-")
         help_text = f"(default {f.default!r})"
         if name == "resume":

@@ -26,7 +26,7 @@ from ..core.errors import TrainConfigError
 from ..data.dataset import PLAIN, DataCollator, LlavaDataset
 from ..data.sampler import LengthGroupedSampler, rank_batches
 from ..model.checkpoint import save_pretrained
-from .build import DEFAULT_TEMPLATE, IMAGE_SIDE, load_start_model, param_groups, set_trainable, upcast_trainable
+from .build import DEFAULT_TEMPLATE, component, load_start_model, param_groups, set_trainable, upcast_trainable
 from .config import TrainConfig, save_config
 from .lora import apply_lora, quantize_language_model, save_adapter
 from .metrics import MetricsLog, plot_loss
@@ -116,8 +116,7 @@ def _train(accelerator, config: TrainConfig, on_step) -> TrainResult:
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     image_side = [p for n, p in accelerator.unwrap_model(model).named_parameters()
-                  if p.requires_grad and (n.removeprefix("base_model.model.").startswith(IMAGE_SIDE)
-                                          or "vision_tower" in n)]
+                  if p.requires_grad and component(n) in ("projector", "vision")]
     batches = _micro_batches(dataset, collator, sampler, config, world, rank, per_epoch, state.micro_batches)
     progress = _progress(config, accelerator, total_steps, state.step, resumed)
     model.train()
