@@ -1,0 +1,393 @@
+"""The shapes world: seeded synthetic scenes of coloured shapes, written COCO-style with captions,
+boxes, short-answer questions (colour / shape / count / position) and POPE-style yes/no questions.
+
+A scene has 1-4 objects, each in its own cell of a 3x3 grid (so "top left", "center", ... name a
+position without ambiguity), with a shape, a colour and a size, over a solid, gradient or textured
+background. No two objects of a scene share both colour and shape, so "the red circle" names one.
+Splits are drawn from independent seeds and numbered apart: they never share an image.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..core.errors import DataError
+from ..core.io import atomic_write_text
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 80, 225), "yellow": (235, 205, 35),
+           "purple": (140, 55, 190), "orange": (245, 130, 25)}
+SIZES = {"small": (0.5, 0.6), "large": (0.8, 0.9)}  # object side as a fraction of a grid cell
+JITTER = 0.15  # how far (as a fraction of the free space) an object may sit off its cell's centre
+ROWS = ("top", "middle", "bottom")
+COLUMNS = ("left", "center", "right")
+NUMBERS = ("zero", "one", "two", "three", "four", "five")
+SPLITS = ("train", "val", "test")
+SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."  # LLaVA-1.5's VQA prompt
+SUPERSAMPLE = 4
+
+
+def position_name(row: int, column: int) -> str:
+    """'top left', 'top', 'center', 'right', ... for a cell of the 3x3 grid."""
+    if row == 1 and column == 1:
+        return "center"
+    if row == 1:
+        return COLUMNS[column]
+    if column == 1:
+        return ROWS[row]
+    return f"{ROWS[row]} {COLUMNS[column]}"
+
+
+def position_phrase(position: str) -> str:
+    """'at the top left', 'in the center', 'on the left', 'at the top'."""
+    if position == "center":
+        return "in the center"
+    if position in ("left", "right"):
+        return f"on the {position}"
+    return f"at the {position}"
+
+
+@dataclass
+class ShapeObject:
+    shape: str
+    colour: str
+    size: str
+    position: str
+    bbox: list[float]  # normalised [x1, y1, x2, y2]
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass
+class Scene:
+    id: str
+    file_name: str
+    width: int
+    height: int
+    background: str  # "a dark background", "a gradient background", ...
+    objects: list[ShapeObject] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- drawing
+
+def _background(rng: random.Random, side: int) -> tuple[np.ndarray, str]:
+    """A muted background (grey-ish, low saturation so every object colour stands out) and its words."""
+    def muted():
+        base = rng.randint(55, 200)
+        return np.array([min(255, max(0, base + rng.randint(-20, 20))) for _ in range(3)], dtype=np.float32)
+
+    kind = rng.choice(("solid", "solid", "gradient", "texture"))
+    first = muted()
+    if kind == "solid":
+        pixels = np.broadcast_to(first, (side, side, 3)).copy()
+        brightness = float(first.mean())
+        words = "a dark background" if brightness < 100 else "a light background" if brightness > 160 else \
+            "a grey background"
+    elif kind == "gradient":
+        second = muted()
+        ramp = np.linspace(0.0, 1.0, side, dtype=np.float32)[:, None, None]
+        pixels = np.broadcast_to(first * (1 - ramp) + second * ramp, (side, side, 3))
+        if rng.random() < 0.5:
+            pixels = pixels.transpose(1, 0, 2)
+        words = "a gradient background"
+    else:
+        np_rng = np.random.default_rng(rng.randrange(2**32))
+        block = 4 * SUPERSAMPLE  # blotches of 4 output pixels
+        coarse = np_rng.normal(0.0, 14.0, (side // block, side // block, 3)).astype(np.float32)
+        pixels = first + np.kron(coarse, np.ones((block, block, 1), dtype=np.float32))
+        words = "a textured background"
+    return np.clip(pixels, 0, 255).astype(np.uint8), words
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+    x1, y1, x2, y2 = box
+    cx, cy, w = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, y1), (x2, y2), (x1, y2)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, y1), (x2, cy), (cx, y2), (x1, cy)], fill=fill)
+    elif shape == "cross":
+        arm = w / 6
+        draw.rectangle((cx - arm, y1, cx + arm, y2), fill=fill)
+        draw.rectangle((x1, cy - arm, x2, cy + arm), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def make_scene(rng: random.Random, scene_id: str, file_name: str, side: int = 96,
+               min_objects: int = 1, max_objects: int = 4,
+               objects: list[tuple[str, str, str, int]] | None = None) -> tuple[Scene, Image.Image]:
+    """One random scene and its image; `objects` [(shape, colour, size, cell 0-8), ...] fixes what is
+    drawn where (sizes and positions within the cells are still jittered)."""
+    pixels, background = _background(rng, side * SUPERSAMPLE)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    cell = side / 3
+    if objects is None:
+        count = rng.randint(min_objects, max_objects)
+        picks: list[tuple[str, str]] = []
+        while len(picks) < count:
+            pick = (rng.choice(SHAPES), rng.choice(list(COLOURS)))
+            if pick not in picks:
+                picks.append(pick)
+        objects = [(shape, colour, rng.choice(list(SIZES)), cell)
+                   for (shape, colour), cell in zip(picks, rng.sample(range(9), count))]
+    scene = Scene(scene_id, file_name, side, side, background)
+    for shape, colour, size, index in objects:
+        row, column = divmod(index, 3)
+        low, high = SIZES[size]
+        width = cell * rng.uniform(low, high)
+        slack = JITTER * (cell - width) / 2
+        cx = (column + 0.5) * cell + rng.uniform(-slack, slack)
+        cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
+        box = (cx - width / 2, cy - width / 2, cx + width / 2, cy + width / 2)
+        fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLOURS[colour])
+        _draw(draw, shape, tuple(v * SUPERSAMPLE for v in box), fill)
+        bbox = [round(min(max(v / side, 0.0), 1.0), 3) for v in box]
+        scene.objects.append(ShapeObject(shape, colour, size, position_name(row, column), bbox))
+    return scene, image.resize((side, side), Image.LANCZOS)
+
+
+# ---------------------------------------------------------------- words
+
+def _object_words(obj: ShapeObject, rng: random.Random, with_size: bool | None = None) -> str:
+    with_size = rng.random() < 0.5 if with_size is None else with_size
+    return f"{obj.size} {obj.colour} {obj.shape}" if with_size else obj.name
+
+
+def _article(words: str) -> str:
+    return f"an {words}" if words[0] in "aeiou" else f"a {words}"
+
+
+def join_words(items: list[str]) -> str:
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def captions(scene: Scene, rng: random.Random, count: int = 5) -> list[str]:
+    """`count` different phrasings of what the scene shows (as COCO has five captions per image)."""
+    objects = scene.objects
+    n = len(objects)
+
+    def listing(with_positions: bool, colours: bool = True) -> str:
+        parts = []
+        for obj in rng.sample(objects, n):
+            words = _article(_object_words(obj, rng) if colours else obj.shape)
+            parts.append(f"{words} {position_phrase(obj.position)}" if with_positions else words)
+        return join_words(parts)
+
+    noun = "shape" if n == 1 else "shapes"
+    options = [
+        lambda: f"{listing(True).capitalize()}.",
+        lambda: f"{listing(False).capitalize()} on {scene.background}.",
+        lambda: f"{NUMBERS[n].capitalize()} {noun} on {scene.background}: {listing(False)}.",
+        lambda: f"A picture of {listing(True)}.",
+        lambda: f"a photo of {listing(False)}",
+        lambda: f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} {noun} in this image: {listing(True)}.",
+        lambda: f"{listing(False, colours=False).capitalize()}.",
+        lambda: f"a photo of {listing(False, colours=False)}",
+        lambda: f"{listing(True, colours=False).capitalize()}.",
+    ]
+    out: list[str] = []
+    for _ in range(50):
+        text = rng.choice(options)()
+        if text not in out:
+            out.append(text)
+        if len(out) == count:
+            break
+    return out
+
+
+def short_questions(scene: Scene, rng: random.Random) -> list[dict]:
+    """Questions with one-word/phrase answers about colour, shape, count and position. Each is asked
+    only where the answer is unambiguous."""
+    objects = scene.objects
+    by_shape = {s: [o for o in objects if o.shape == s] for s in SHAPES}
+    by_colour = {c: [o for o in objects if o.colour == c] for c in COLOURS}
+    out = []
+    for obj in objects:
+        if len(by_shape[obj.shape]) == 1:
+            out.append(("colour", f"What colour is the {obj.shape}?", obj.colour))
+        else:
+            out.append(("colour", f"What colour is the {obj.shape} {position_phrase(obj.position)}?", obj.colour))
+        if len(by_colour[obj.colour]) == 1:
+            out.append(("shape", f"What shape is the {obj.colour} object?", obj.shape))
+        else:
+            out.append(("shape", f"What shape is the {obj.colour} object {position_phrase(obj.position)}?",
+                        obj.shape))
+        out.append(("position", f"Where is the {obj.name}?", obj.position))
+    out.append(("count", rng.choice(["How many shapes are there?", "How many objects are in the image?"]),
+                str(len(objects))))
+    shape = rng.choice(SHAPES)
+    out.append(("count", f"How many {shape}s are there?", str(len(by_shape[shape]))))
+    colour = rng.choice(list(COLOURS))
+    out.append(("count", f"How many {colour} shapes are there?", str(len(by_colour[colour]))))
+    return [{"category": kind, "text": text, "answer": answer} for kind, text, answer in out]
+
+
+ALL_OBJECTS = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def pope_questions(scene: Scene, rng: random.Random, strategy: str, frequency: dict[str, int],
+                   per_image: int = 2) -> list[dict]:
+    """POPE-style "Is there a X in the image?" questions: present objects (yes) and as many absent
+    ones (no), the absent ones drawn at random, by frequency in the split (popular), or as near
+    misses that share a colour or a shape with an object present (adversarial)."""
+    present = [o.name for o in scene.objects]
+    absent = [name for name in ALL_OBJECTS if name not in present]
+    positives = rng.sample(present, min(per_image, len(present)))
+    if strategy == "random":
+        negatives = rng.sample(absent, len(positives))
+    elif strategy == "popular":
+        negatives = sorted(absent, key=lambda name: (-frequency.get(name, 0), name))[:len(positives)]
+    elif strategy == "adversarial":
+        near = [name for name in absent if any(name.split()[0] == o.colour or name.split()[1] == o.shape
+                                              for o in scene.objects)]
+        rng.shuffle(near)
+        negatives = (near + [n for n in absent if n not in near])[:len(positives)]
+    else:
+        raise ValueError(f"unknown POPE strategy {strategy!r}")
+    out = [{"text": f"Is there {_article(name)} in the image?", "label": "yes", "object": name}
+           for name in positives]
+    out += [{"text": f"Is there {_article(name)} in the image?", "label": "no", "object": name}
+            for name in negatives]
+    rng.shuffle(out)
+    return out
+
+
+# ---------------------------------------------------------------- splits on disk
+
+def synth(output: str | Path, counts: dict[str, int], seed: int = 0, side: int = 96,
+          progress: bool = False) -> dict[str, int]:
+    """Write the shapes world to `output`:
+
+    - `{split}/{id}.png`: the images;
+    - `annotations/captions_{split}.json`, `annotations/instances_{split}.json`: COCO's caption and
+      instance files (COCO's bbox is [x, y, w, h] in pixels; each instance also carries colour, size,
+      position and `bbox_norm`, the normalised [x1, y1, x2, y2]);
+    - `questions/short_{split}.jsonl`: short-answer questions (question_id, image, text, answer, category);
+    - `questions/pope_{split}_{random|popular|adversarial}.jsonl`: POPE's format (question_id, image, text, label).
+    Returns the number of images per split.
+    """
+    from tqdm import tqdm
+
+    output = Path(output)
+    for split, n in counts.items():
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; use {', '.join(SPLITS)}")
+        if n < 0:
+            raise DataError(f"{split}: the number of images must be >= 0, not {n}")
+    base = {split: 1_000_000 * (i + 1) for i, split in enumerate(SPLITS)}  # ids never collide across splits
+    written = {}
+    for split, n in counts.items():
+        rng = random.Random(f"{seed}-{split}")
+        folder = output / split
+        folder.mkdir(parents=True, exist_ok=True)
+        scenes: list[Scene] = []
+        caption_rows, instance_rows, short_rows = [], [], []
+        for i in tqdm(range(n), desc=f"synth {split}", disable=not progress, unit="img"):
+            image_id = base[split] + i
+            file_name = f"{split}/{image_id}.png"
+            scene, image = make_scene(rng, str(image_id), file_name, side=side)
+            image.save(output / file_name)
+            scenes.append(scene)
+            for text in captions(scene, rng):
+                caption_rows.append({"id": len(caption_rows) + 1, "image_id": image_id, "caption": text})
+            for obj in scene.objects:
+                x1, y1, x2, y2 = (v * side for v in obj.bbox)
+                instance_rows.append({
+                    "id": len(instance_rows) + 1, "image_id": image_id, "category_id": SHAPES.index(obj.shape) + 1,
+                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                    "area": round((x2 - x1) * (y2 - y1), 2), "iscrowd": 0, "colour": obj.colour,
+                    "size": obj.size, "position": obj.position, "bbox_norm": obj.bbox})
+            for q in short_questions(scene, rng):
+                short_rows.append({"question_id": f"{image_id}-{len(short_rows)}", "image": file_name, **q})
+        images = [{"id": int(s.id), "file_name": s.file_name, "width": s.width, "height": s.height,
+                   "background": s.background} for s in scenes]
+        info = {"description": "llava shapes world", "split": split, "seed": seed}
+        categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+        atomic_write_text(output / "annotations" / f"captions_{split}.json",
+                          json.dumps({"info": info, "images": images, "annotations": caption_rows}))
+        atomic_write_text(output / "annotations" / f"instances_{split}.json",
+                          json.dumps({"info": info, "images": images, "annotations": instance_rows,
+                                      "categories": categories}))
+        _write_jsonl(output / "questions" / f"short_{split}.jsonl", short_rows)
+        frequency: dict[str, int] = {}
+        for scene in scenes:
+            for obj in scene.objects:
+                frequency[obj.name] = frequency.get(obj.name, 0) + 1
+        for strategy in ("random", "popular", "adversarial"):
+            pope_rng = random.Random(f"{seed}-{split}-pope-{strategy}")
+            rows = []
+            for scene in scenes:
+                for q in pope_questions(scene, pope_rng, strategy, frequency):
+                    rows.append({"question_id": len(rows) + 1, "image": scene.file_name, "text": q["text"],
+                                 "label": q["label"], "object": q["object"]})
+            _write_jsonl(output / "questions" / f"pope_{split}_{strategy}.jsonl", rows)
+        written[split] = n
+    return written
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def load_scenes(root: str | Path, split: str) -> list[Scene]:
+    """The scenes of a split, read back from the COCO instance and caption files."""
+    root = Path(root)
+    path = root / "annotations" / f"instances_{split}.json"
+    if not path.exists():
+        raise DataError(f"{path}: not found (run `llava synth` first)")
+    data = json.loads(path.read_text())
+    scenes = {img["id"]: Scene(str(img["id"]), img["file_name"], img["width"], img["height"],
+                               img.get("background", "a background")) for img in data["images"]}
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    for ann in data["annotations"]:
+        scenes[ann["image_id"]].objects.append(ShapeObject(names[ann["category_id"]], ann["colour"], ann["size"],
+                                                           ann["position"], ann["bbox_norm"]))
+    return list(scenes.values())
+
+
+def short_answer_records(root: str | Path, split: str, questions_per_record: int = 8, seed: int = 0) -> list[dict]:
+    """LLaVA-format training records from the short-answer and POPE questions of a split, as
+    LLaVA-1.5 turns its academic VQA data into conversations: each question with the
+    short-answer suffix, several questions about one image in one multi-turn record."""
+    root = Path(root)
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    for path in [root / "questions" / f"short_{split}.jsonl",
+                 *sorted((root / "questions").glob(f"pope_{split}_*.jsonl"))]:
+        if not path.exists():
+            raise DataError(f"{path}: not found (run `llava synth` first)")
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            answer = row.get("answer", row.get("label"))
+            by_image.setdefault(row["image"], []).append((row["text"], answer.capitalize()))
+    rng = random.Random(seed)
+    records = []
+    for image, pairs in by_image.items():
+        pairs = list(dict.fromkeys(pairs))
+        rng.shuffle(pairs)
+        for start in range(0, len(pairs), questions_per_record):
+            turns = []
+            for j, (question, answer) in enumerate(pairs[start:start + questions_per_record]):
+                text = f"{question}\n{SHORT_ANSWER_SUFFIX}"
+                if j == 0:  # the image before or after the first question, as LLaVA's instruction data
+                    text = f"<image>\n{text}" if rng.random() < 0.5 else f"{text}\n<image>"
+                turns.append({"from": "human", "value": text})
+                turns.append({"from": "gpt", "value": answer})
+            records.append({"id": f"vqa-{Path(image).stem}-{start // questions_per_record}", "image": image,
+                            "conversations": turns})
+    return records

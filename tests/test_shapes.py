@@ -1,0 +1,150 @@
+"""The shapes world: determinism, disjoint splits, COCO files that agree with the questions."""
+
+import hashlib
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava.core.errors import DataError
+from llava.data.dataset import LlavaDataset
+from llava.data.shapes import COLOURS, SHAPES, SHORT_ANSWER_SUFFIX, load_scenes, short_answer_records, synth
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    synth(root, {"train": 40, "val": 5, "test": 20}, seed=3)
+    return root
+
+
+def test_same_seed_same_bytes_other_seed_other_images(world, tmp_path):
+    synth(tmp_path / "again", {"train": 40, "val": 5, "test": 20}, seed=3)
+    assert _digest(tmp_path / "again") == _digest(world)
+    synth(tmp_path / "other", {"train": 40, "val": 5, "test": 20}, seed=4)
+    first = np.asarray(Image.open(world / "train" / "1000000.png"))
+    other = np.asarray(Image.open(tmp_path / "other" / "train" / "1000000.png"))
+    assert not np.array_equal(first, other)
+
+
+def test_splits_never_share_an_image(world):
+    ids, files = {}, {}
+    for split in ("train", "val", "test"):
+        data = json.loads((world / "annotations" / f"captions_{split}.json").read_text())
+        ids[split] = {image["id"] for image in data["images"]}
+        files[split] = {image["file_name"] for image in data["images"]}
+        assert all(f.startswith(f"{split}/") and (world / f).exists() for f in files[split])
+    assert len(ids["train"]) == 40 and len(ids["val"]) == 5 and len(ids["test"]) == 20
+    assert not ids["train"] & ids["test"] and not ids["train"] & ids["val"] and not ids["val"] & ids["test"]
+    pixels = {split: {np.asarray(Image.open(world / f)).tobytes() for f in files[split]} for split in files}
+    assert not pixels["train"] & pixels["test"]
+
+
+def test_coco_files_and_boxes(world):
+    captions = json.loads((world / "annotations" / "captions_train.json").read_text())
+    instances = json.loads((world / "annotations" / "instances_train.json").read_text())
+    assert [c["name"] for c in instances["categories"]] == list(SHAPES)
+    per_image = {}
+    for ann in captions["annotations"]:
+        per_image.setdefault(ann["image_id"], []).append(ann["caption"])
+    assert all(len(v) == 5 and len(set(v)) == 5 for v in per_image.values())  # five different phrasings
+    for ann in instances["annotations"]:
+        x, y, w, h = ann["bbox"]
+        x1, y1, x2, y2 = ann["bbox_norm"]
+        assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+        assert x / 96 == pytest.approx(x1, abs=0.01) and (x + w) / 96 == pytest.approx(x2, abs=0.01)
+        assert ann["colour"] in COLOURS and ann["size"] in ("small", "large")
+    scenes = load_scenes(world, "train")
+    counts = [len(s.objects) for s in scenes]
+    assert min(counts) >= 1 and max(counts) <= 4
+    for scene in scenes:  # colour+shape names one object
+        names = [o.name for o in scene.objects]
+        assert len(names) == len(set(names))
+
+
+def test_the_object_is_drawn_inside_its_box(world):
+    """The box's pixels differ from the background far more than a strip of background does."""
+    for scene in load_scenes(world, "test")[:10]:
+        pixels = np.asarray(Image.open(world / scene.file_name)).astype(float)
+        for obj in scene.objects:
+            x1, y1, x2, y2 = (int(round(v * scene.width)) for v in obj.bbox)
+            cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
+            target = np.array(COLOURS[obj.colour], dtype=float)
+            assert np.abs(pixels[cy, cx] - target).max() < 40, (scene.id, obj)
+
+
+def test_questions_agree_with_the_annotations(world):
+    scenes = {s.file_name: s for s in load_scenes(world, "test")}
+    rows = [json.loads(line) for line in (world / "questions" / "short_test.jsonl").read_text().splitlines()]
+    assert {r["category"] for r in rows} == {"colour", "shape", "count", "position"}
+    for row in rows:
+        scene = scenes[row["image"]]
+        if row["text"] in ("How many shapes are there?", "How many objects are in the image?"):
+            assert row["answer"] == str(len(scene.objects))
+        if row["category"] == "position":
+            name = row["text"].removeprefix("Where is the ").removesuffix("?")
+            assert [o.position for o in scene.objects if o.name == name] == [row["answer"]]
+    for strategy in ("random", "popular", "adversarial"):
+        pope = [json.loads(l) for l in (world / "questions" / f"pope_test_{strategy}.jsonl").read_text().splitlines()]
+        assert {"question_id", "image", "text", "label"} <= set(pope[0])
+        assert sum(r["label"] == "yes" for r in pope) == sum(r["label"] == "no" for r in pope)
+        for r in pope:
+            present = r["object"] in [o.name for o in scenes[r["image"]].objects]
+            assert present == (r["label"] == "yes")
+
+
+def test_short_answer_records_are_valid_llava_data(world, tmp_path):
+    records = short_answer_records(world, "train", questions_per_record=4)
+    first = records[0]["conversations"]
+    assert first[0]["value"].startswith("<image>\n") and first[0]["value"].endswith(SHORT_ANSWER_SUFFIX)
+    assert all("<image>" not in t["value"] for t in first[1:])
+    path = tmp_path / "vqa.json"
+    path.write_text(json.dumps(records))
+
+    class _Tok:  # LlavaDataset checks records before it needs a processor
+        pass
+    dataset = LlavaDataset(path, processor=None, image_folder=str(world))
+    assert len(dataset) == len(records)
+
+
+def test_bad_split_is_refused(tmp_path):
+    with pytest.raises(DataError, match="unknown split 'dev'"):
+        synth(tmp_path, {"dev": 3})
+
+
+def test_synth_and_eval_commands(tmp_path, checkpoints, capsys):
+    from llava.cli import main
+
+    assert main(["synth", "--output", str(tmp_path), "--train", "0", "--val", "0", "--test", "3", "--seed", "2"]) == 0
+    assert len(list((tmp_path / "test").glob("*.png"))) == 3
+    assert main(["eval", "--benchmark", "shapes", "--model", str(checkpoints("llava")), "--data", str(tmp_path),
+                 "--limit", "4", "--batch-size", "3", "--output", str(tmp_path / "eval"), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["short"]["n"] == 4 and set(metrics["pope"]) == {"random", "popular", "adversarial"}
+    assert metrics["pope"]["random"]["n"] == 4
+    predictions = [json.loads(l) for l in (tmp_path / "eval" / "short.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and all("prediction" in p for p in predictions)
+    assert main(["eval", "--benchmark", "vqav9", "--model", str(checkpoints("llava")), "--data", str(tmp_path)]) == 1
+    assert "unknown benchmark 'vqav9'" in capsys.readouterr().err
+
+
+def test_pope_and_answer_scoring():
+    from llava.eval.pope import answer_to_label, pope_metrics
+    from llava.eval.shapes import normalize
+
+    assert answer_to_label("Yes, there is a red circle.") == "yes"
+    assert answer_to_label("No") == "no" and answer_to_label("There is not a circle.") == "no"
+    assert answer_to_label("Yes. No idea why.") == "yes"  # only the first sentence counts
+    m = pope_metrics(["Yes", "No", "yes", "no"], ["yes", "yes", "no", "no"])
+    assert m == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5, "n": 4}
+    assert normalize("Three.") == "3" and normalize("The top left") == "top left"
