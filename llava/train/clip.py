@@ -1,0 +1,163 @@
+"""A small CLIP (ViT image encoder + text encoder) trained from scratch with the contrastive loss on
+image-caption pairs: the mini recipe's stand-in for OpenAI's CLIP ViT-L/14. Saved as a transformers
+CLIPModel with its tokenizer (</s> appended, where the text encoder pools) and a CLIPImageProcessor
+config, so the LLaVA stage-1 code takes its vision half like any CLIP checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.errors import TrainConfigError
+from ..core.io import atomic_dir
+from ..data.image_processor import ImageProcessor
+from ..data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image
+from .optim import adamw_with_cosine
+
+
+@dataclass
+class ClipConfig:
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    text_hidden: int = 128
+    text_layers: int = 3
+    heads: int = 4
+    projection_dim: int = 128
+    max_text_length: int = 64
+    batch_size: int = 128
+    steps: int = 400
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    hard_negatives: bool = True  # NegCLIP: each caption also competes with a copy that has one word swapped
+    grey_fraction: float = 0.0   # this share of images shown in grey, with a caption that names no colour
+    seed: int = 0
+
+
+def image_processor_for(config: ClipConfig) -> ImageProcessor:
+    side = config.image_size
+    return ImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def swap_one_word(caption: str, groups: tuple[tuple[str, ...], ...], rng: random.Random) -> str | None:
+    """The caption with one word of a group (a shape, a colour) replaced by another of its group; None if
+    it has none. The hard negative of NegCLIP (Yuksekgonul et al. 2023): an image must tell them apart."""
+    words = re.findall(r"\w+|\W+", caption)
+    places = [(i, g) for i, w in enumerate(words) for g in groups if w.lower() in g]
+    if not places:
+        return None
+    i, group = rng.choice(places)
+    words[i] = rng.choice([w for w in group if w != words[i].lower()])
+    return "".join(words)
+
+
+def _to_grey(pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised RGB pixels -> the same image in grey (ITU-R 601 luma), normalised again."""
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    rgb = pixels * std + mean
+    luma = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]).unsqueeze(1)
+    return (luma.expand_as(rgb) - mean) / std
+
+
+def _contrastive_loss(image_embeds, text_embeds, negative_embeds, scale):
+    """CLIP's symmetric loss; images also see the hard-negative captions as wrong answers."""
+    import torch.nn.functional as F
+
+    targets = torch.arange(len(image_embeds))
+    texts = torch.cat([text_embeds, negative_embeds]) if negative_embeds is not None else text_embeds
+    per_image = scale * image_embeds @ texts.T
+    per_text = scale * text_embeds @ image_embeds.T
+    return (F.cross_entropy(per_image, targets) + F.cross_entropy(per_text, targets)) / 2
+
+
+def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig, output: str | Path,
+               progress: bool = False, swap_groups: tuple[tuple[str, ...], ...] = ()) -> dict:
+    """Train a fresh CLIPModel on (image path, captions) pairs; each step draws one caption per image.
+    With `hard_negatives` and `swap_groups` (e.g. the shape names, the colour names) each caption gets a
+    one-word-swapped twin as an extra negative; with `grey_fraction`, that share of images is shown in
+    grey with a caption free of the second group's (colour) words. Saves model, tokenizer and
+    preprocessor_config.json to `output`. Returns {"loss": ..., "params": ...}."""
+    import torch.nn.functional as F
+    from tqdm import tqdm
+    from transformers import CLIPConfig, CLIPModel
+
+    if len(pairs) < 2:
+        raise TrainConfigError(f"CLIP training needs at least two images, got {len(pairs)}")
+    if tokenizer.eos_token_id == 2:
+        raise TrainConfigError("the CLIP tokenizer's </s> must not be id 2 (CLIP reads that as a legacy marker)")
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=config.text_hidden,
+                       intermediate_size=4 * config.text_hidden, num_hidden_layers=config.text_layers,
+                       num_attention_heads=config.heads, max_position_embeddings=config.max_text_length,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    vision_config = dict(hidden_size=config.vision_hidden, intermediate_size=4 * config.vision_hidden,
+                         num_hidden_layers=config.vision_layers, num_attention_heads=config.heads,
+                         image_size=config.image_size, patch_size=config.patch_size)
+    model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config,
+                                 projection_dim=config.projection_dim))
+    processor = image_processor_for(config)
+    pixels = torch.from_numpy(np.stack([processor.preprocess_one(load_image(path)) for path, _ in
+                                        tqdm(pairs, desc="clip images", disable=not progress, unit="img")]))
+    optimizer, schedule = adamw_with_cosine(model, config.lr, config.weight_decay, (0.9, 0.98),
+                                            config.warmup_steps, config.steps)
+    colour_words = set(swap_groups[1]) if len(swap_groups) > 1 else set()
+    colourless = [[c for c in captions if not colour_words & set(re.findall(r"\w+", c.lower()))]
+                  if colour_words else [] for _, captions in pairs]
+    model.train()
+    losses: list[float] = []
+    order: list[int] = []
+    bar = tqdm(range(config.steps), desc="train clip", disable=not progress, unit="step")
+    for step in bar:
+        if len(order) < config.batch_size:
+            fresh = list(range(len(pairs)))
+            rng.shuffle(fresh)
+            order += fresh
+        rows, order = order[:config.batch_size], order[config.batch_size:]
+        grey = [i for i in rows if colourless[i] and rng.random() < config.grey_fraction]
+        texts = [rng.choice(colourless[i] if i in grey else pairs[i][1]) for i in rows]
+        images = pixels[rows]
+        if grey:  # colour cannot be the shortcut: the image must be matched by what else it shows
+            mask = torch.tensor([i in grey for i in rows])
+            images = images.clone()
+            images[mask] = _to_grey(images[mask])
+        negatives = [swap_one_word(t, swap_groups, rng) for t in texts] if config.hard_negatives else []
+        negatives = [n for n in negatives if n is not None]
+        tokens = tokenizer(texts + negatives, padding=True, truncation=True, max_length=config.max_text_length,
+                           return_tensors="pt")
+        text_embeds = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        image_embeds = model.get_image_features(pixel_values=images)
+        text_embeds = F.normalize(getattr(text_embeds, "pooler_output", text_embeds), dim=-1)
+        image_embeds = F.normalize(getattr(image_embeds, "pooler_output", image_embeds), dim=-1)
+        n = len(rows)
+        loss = _contrastive_loss(image_embeds, text_embeds[:n], text_embeds[n:] if negatives else None,
+                                 model.logit_scale.exp())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # as in CLIP: the temperature stays below 100
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    tokenizer.model_max_length = config.max_text_length
+    with atomic_dir(output) as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        data = processor.to_dict()
+        data.update(image_processor_type="CLIPImageProcessor", do_pad=False)
+        (folder / "preprocessor_config.json").write_text(json.dumps(data, indent=2))
+    return {"loss": sum(losses[-20:]) / len(losses[-20:]), "params": model.num_parameters()}
