@@ -1,0 +1,1 @@
+"""CLIP tools: zero-shot classification and text/image retrieval with any CLIPModel checkpoint."""

@@ -1,0 +1,158 @@
+"""CLIP tools: zero-shot classification and retrieval, on a random tiny CLIPModel built here and on
+the bundled tiny CLIP trained on the shapes world."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava.cli import main
+from llava.clip.classify import classify, shape_accuracy
+from llava.clip.encoder import ClipEncoder
+from llava.clip.search import index_folder, search
+from llava.core.errors import CheckpointError, LlavaError
+from llava.data.shapes import SHAPES, load_scenes, synth
+from llava.train.clip import ClipConfig, image_processor_for
+from llava.train.lm import train_tokenizer, with_eos
+
+BUNDLED_CLIP = Path(__file__).resolve().parent.parent / "models" / "demo" / "clip"
+
+
+@pytest.fixture(scope="module")
+def random_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = tmp_path_factory.mktemp("clip")
+    tokenizer = with_eos(train_tokenizer(["a photo of a red circle", "a blue square on the left"] * 20, 200), True)
+    config = ClipConfig(vision_hidden=32, vision_layers=2, text_hidden=32, text_layers=2, projection_dim=16,
+                        max_text_length=16, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8), projection_dim=16))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = image_processor_for(config).to_dict()
+    data["image_processor_type"] = "CLIPImageProcessor"
+    (folder / "preprocessor_config.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shapes_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    synth(root, {"test": 60}, seed=11)
+    return root
+
+
+def test_embeddings_equal_transformers_clip(random_clip, photos):
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+    encoder = ClipEncoder.load(random_clip)
+    reference = CLIPModel.from_pretrained(random_clip).eval()
+    tokenizer = AutoTokenizer.from_pretrained(random_clip)
+    tokens = tokenizer(["a photo of a red circle", "a square"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        text = reference.get_text_features(**tokens)
+        text = getattr(text, "pooler_output", text)
+        pixels = CLIPImageProcessorPil.from_pretrained(random_clip)([photos["wide"]], return_tensors="pt")
+        image = reference.get_image_features(pixel_values=pixels["pixel_values"])
+        image = getattr(image, "pooler_output", image)
+    np.testing.assert_allclose(encoder.embed_texts(["a photo of a red circle", "a square"]),
+                               torch.nn.functional.normalize(text, dim=-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(encoder.embed_images([photos["wide"]]),
+                               torch.nn.functional.normalize(image, dim=-1).numpy(), atol=1e-4)
+
+
+def test_classify_gives_probabilities(random_clip, photos):
+    probs = classify(ClipEncoder.load(random_clip), [photos["square"], photos["wide"]], ["cat", "astronaut", "cup"])
+    assert probs.shape == (2, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    with pytest.raises(LlavaError, match="no {label}"):
+        classify(ClipEncoder.load(random_clip), [photos["square"]], ["cat"], prompt="a photo")
+
+
+def test_image_search_finds_the_image_itself_first(random_clip, photos, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for name, image in photos.items():
+        image.convert("RGB").save(folder / ("sub" if name == "grey" else "") / f"{name}.png")
+    (folder / "notes.txt").write_text("not an image")
+    encoder = ClipEncoder.load(random_clip)
+    assert index_folder(encoder, folder, tmp_path / "index") == len(photos)
+    for name in ("wide", "tall", "grey"):
+        query = folder / ("sub" if name == "grey" else "") / f"{name}.png"
+        hits = search(encoder, tmp_path / "index", image=query, top_k=3)
+        assert Path(hits[0].path) == query.resolve() and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert hits[0].score >= hits[1].score >= hits[2].score
+
+
+def test_search_errors(random_clip, tmp_path):
+    encoder = ClipEncoder.load(random_clip)
+    with pytest.raises(LlavaError, match="not a CLIP index"):
+        search(encoder, tmp_path, text="a cat")
+    with pytest.raises(LlavaError, match="no images"):
+        index_folder(encoder, tmp_path, tmp_path / "index")
+    with pytest.raises(LlavaError, match="exactly one"):
+        search(encoder, tmp_path, text="a", image="b")
+
+
+def test_a_llava_checkpoint_is_not_a_clip_model(checkpoints):
+    with pytest.raises(CheckpointError, match="not a CLIPModel"):
+        ClipEncoder.load(checkpoints("llava"))
+
+
+needs_bundled = pytest.mark.skipif(not (BUNDLED_CLIP / "config.json").exists(), reason="no bundled demo model")
+
+
+@needs_bundled
+def test_bundled_clip_zero_shot(shapes_images):
+    """What the tiny CLIP has learnt: colours (shapes are at chance, as the README says)."""
+    from llava.data.images import load_image
+    from llava.data.shapes import COLOURS
+
+    encoder = ClipEncoder.load(BUNDLED_CLIP)
+    single = [s for s in load_scenes(shapes_images, "test") if len(s.objects) == 1]
+    probs = classify(encoder, [load_image(shapes_images / s.file_name) for s in single], list(COLOURS))
+    correct = [list(COLOURS)[i] == s.objects[0].colour for i, s in zip(probs.argmax(axis=1), single)]
+    assert len(single) >= 10 and sum(correct) / len(correct) >= 0.9
+    shapes = shape_accuracy(encoder, shapes_images, "test")
+    assert shapes["n"] == len(single) and 0 <= shapes["accuracy"] <= 1
+
+
+@needs_bundled
+def test_bundled_clip_text_to_image_ranking(shapes_images, tmp_path):
+    """Asked for a colour, images holding an object of that colour rank above the base rate."""
+    from llava.data.shapes import COLOURS
+
+    encoder = ClipEncoder.load(BUNDLED_CLIP)
+    index_folder(encoder, shapes_images / "test", tmp_path / "index")
+    scenes = {Path(s.file_name).name: s for s in load_scenes(shapes_images, "test")}
+    precision, base = [], []
+    for colour in COLOURS:
+        holders = {n for n, s in scenes.items() if any(o.colour == colour for o in s.objects)}
+        hits = search(encoder, tmp_path / "index", text=f"a photo of a {colour} circle", top_k=5)
+        precision.append(sum(Path(h.path).name in holders for h in hits) / 5)
+        base.append(len(holders) / len(scenes))
+    assert sum(precision) / len(precision) >= sum(base) / len(base) + 0.2
+
+
+@needs_bundled
+def test_clip_cli_uses_the_bundled_model(shapes_images, tmp_path, capsys):
+    scene = next(s for s in load_scenes(shapes_images, "test") if len(s.objects) == 1)
+    assert main(["clip", "classify", "--image", str(shapes_images / scene.file_name),
+                 "--labels", ",".join(SHAPES)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(SHAPES) and sum(float(l.split("\t")[0]) for l in lines) == pytest.approx(1, abs=1e-3)
+    assert main(["clip", "index", "--folder", str(shapes_images / "test"), "--index", str(tmp_path / "i")]) == 0
+    capsys.readouterr()
+    assert main(["clip", "search", "--index", str(tmp_path / "i"), "--image",
+                 str(shapes_images / scene.file_name), "--top-k", "2"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith(scene.file_name.split("/")[-1])
