@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, their prompts and their official metrics."""
