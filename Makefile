@@ -18,9 +18,7 @@ test:
 	$(PY) -m pytest tests
 
 demo:
-	$(PY) examples/tiny_random_checkpoint.py out/tiny-llava
-	$(VENV)/bin/llava chat --model out/tiny-llava --image examples/images/astronaut.png \
-		--prompt "What is in the image?" --max-new-tokens 16
+	$(VENV)/bin/llava chat --image examples/images/shapes.png --prompt "What shapes can you see in the image?"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

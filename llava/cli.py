@@ -83,6 +83,120 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from .data.shapes import synth
+
+    counts = synth(args.output, {"train": args.train, "val": args.val, "test": args.test}, seed=args.seed,
+                   side=args.image_size, progress=True)
+    print(f"llava synth: {', '.join(f'{n} {s}' for s, n in counts.items())} images in {args.output}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_datagen(args) -> int:
+    from .datagen.context import load_coco
+    from .datagen.prompts import KINDS
+    from .datagen.runner import finish, run
+    from .datagen.teachers import OpenAITeacher, RuleTeacher
+
+    kinds = tuple(args.kinds.split(",")) if args.kinds else KINDS
+    contexts = load_coco(args.captions, args.instances)
+    if args.limit:
+        contexts = contexts[:args.limit]
+    if args.teacher == "rules":
+        teacher = RuleTeacher(seed=args.seed)
+    else:
+        teacher = OpenAITeacher(base_url=args.base_url, model=args.model, api_key=args.api_key,
+                                temperature=args.temperature, max_tokens=args.max_tokens, timeout=args.timeout,
+                                max_retries=args.max_retries)
+    summary = run(contexts, teacher, args.output, kinds=kinds, concurrency=args.concurrency, attempts=args.attempts,
+                  seed=args.seed, progress=True, log=lambda m: print(m, file=sys.stderr))
+    target = finish(args.output, kinds, seed=args.seed)
+    rejected = sum(summary.rejected.values())
+    print(f"llava datagen: {sum(summary.written.values())} records written, {sum(summary.skipped.values())} "
+          f"already done, {rejected} rejected"
+          + (f" ({', '.join(f'{k}: {v}' for k, v in summary.rejected.most_common())}; see rejects.jsonl)"
+             if rejected else "") + f"; {target}", file=sys.stderr)
+    if summary.failed:
+        for error in summary.errors:
+            print(f"llava datagen: {error}", file=sys.stderr)
+        print(f"llava datagen: error: {summary.failed} contexts not done (teacher unavailable); run the same "
+              "command again to continue", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import rebuild, run_demo, summary_table
+
+    result = run_demo(args.work, args.recipe, fresh=args.fresh, log=lambda m: print(m, file=sys.stderr))
+    print(summary_table(result))
+    if args.rebuild:
+        target = rebuild(result)
+        print(f"llava demo: the bundled model in {target} is rebuilt", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .eval.shapes import evaluate_shapes
+
+    if args.benchmark != "shapes":
+        raise LlavaError(f"unknown benchmark {args.benchmark!r}; available: shapes")
+    args.conv_mode = None
+    model, processor = _load(args)
+    metrics = evaluate_shapes(model, processor, args.data, split=args.split, limit=args.limit,
+                              batch_size=args.batch_size, output=args.output, progress=not args.json)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        short = metrics["short"]
+        print(f"shapes {args.split}: short-answer accuracy {short['accuracy']:.1%} (n={short['n']}; "
+              + ", ".join(f"{k} {v:.1%}" for k, v in short.items() if k not in ("accuracy", "n")) + ")")
+        for name, m in metrics["pope"].items():
+            print(f"POPE {name}: accuracy {m['accuracy']:.1%}, precision {m['precision']:.3f}, recall "
+                  f"{m['recall']:.3f}, F1 {m['f1']:.3f}, yes-ratio {m['yes_ratio']:.1%} (n={m['n']})")
+    return 0
+
+
+def _clip_encoder(args):
+    from .clip.encoder import ClipEncoder
+
+    model = args.model or DEFAULT_MODEL / "clip"
+    if args.model is None and not (DEFAULT_MODEL / "clip" / "config.json").exists():
+        raise LlavaError(f"no --model given and no bundled CLIP model at {model}")
+    return ClipEncoder.load(model, device="cpu" if args.device == "auto" else args.device)
+
+
+def cmd_clip_classify(args) -> int:
+    from .clip.classify import classify
+    from .data.images import load_image
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    image = load_image(args.image)
+    probs = classify(_clip_encoder(args), [image], labels, args.prompt)[0]
+    for label, p in sorted(zip(labels, probs), key=lambda x: -x[1]):
+        print(f"{p:.4f}\t{label}")
+    return 0
+
+
+def cmd_clip_index(args) -> int:
+    from .clip.search import index_folder
+
+    count = index_folder(_clip_encoder(args), args.folder, args.index, progress=True)
+    print(f"llava clip index: {count} images indexed in {args.index}", file=sys.stderr)
+    return 0
+
+
+def cmd_clip_search(args) -> int:
+    from .clip.search import search
+
+    for hit in search(_clip_encoder(args), args.index, text=args.text, image=args.image, top_k=args.top_k):
+        print(f"{hit.score:.4f}\t{hit.path}")
+    return 0
+
+
 def _is_main_process() -> bool:
     import os
 
@@ -115,6 +229,80 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="YAML recipe (see recipes/)")
     add_arguments(train)
     train.set_defaults(func=cmd_train)
+
+    synth = sub.add_parser("synth", help="write the shapes world: images, COCO captions and boxes, questions")
+    synth.add_argument("--output", required=True, help="folder to write (e.g. data/shapes)")
+    synth.add_argument("--train", type=int, default=4000, help="train images (default 4000)")
+    synth.add_argument("--val", type=int, default=100)
+    synth.add_argument("--test", type=int, default=500)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=96, help="image side in pixels (default 96)")
+    synth.set_defaults(func=cmd_synth)
+
+    datagen = sub.add_parser("datagen", help="write LLaVA instruction data from captions + boxes with a teacher",
+                             description="Conversation, detailed description and complex reasoning records from "
+                                         "COCO-style captions (and instances). Resumable: rerun to continue.")
+    datagen.add_argument("--captions", required=True, help="COCO captions file (captions_*.json)")
+    datagen.add_argument("--instances", default=None, help="COCO instances file with the boxes (instances_*.json)")
+    datagen.add_argument("--output", required=True, help="folder for <kind>.jsonl, rejects.jsonl, llava_instruct.json")
+    datagen.add_argument("--teacher", choices=("openai", "rules"), default="openai",
+                         help="openai: any OpenAI-compatible endpoint; rules: offline, shapes world only")
+    datagen.add_argument("--base-url", default=None, help="endpoint, e.g. http://localhost:8000/v1 "
+                                                         "(default: $OPENAI_BASE_URL or OpenAI)")
+    datagen.add_argument("--model", default=None, help="teacher model name (default: $LLAVA_TEACHER_MODEL)")
+    datagen.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY")
+    datagen.add_argument("--kinds", default=None, help="comma-separated: conversation,detail,complex_reasoning")
+    datagen.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    datagen.add_argument("--attempts", type=int, default=2, help="asks per context before a reply is rejected")
+    datagen.add_argument("--max-retries", type=int, default=5, help="retries of a failed request (backoff)")
+    datagen.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    datagen.add_argument("--temperature", type=float, default=0.7)
+    datagen.add_argument("--max-tokens", type=int, default=1024)
+    datagen.add_argument("--limit", type=int, default=None, help="only the first N images")
+    datagen.add_argument("--seed", type=int, default=0)
+    datagen.set_defaults(func=cmd_datagen)
+
+    demo = sub.add_parser("demo", help="the whole recipe in miniature on CPU: synth, CLIP, LM, datagen, "
+                                       "stage 1, stage 2, eval")
+    demo.add_argument("--work", default="runs/demo", help="work folder (default runs/demo); steps done are kept")
+    demo.add_argument("--recipe", default=str(Path(__file__).resolve().parent.parent / "recipes" / "mini.yaml"))
+    demo.add_argument("--fresh", action="store_true", help="start over: delete the work folder first")
+    demo.add_argument("--rebuild", action="store_true", help="copy the result into models/demo (the bundled model)")
+    demo.set_defaults(func=cmd_demo)
+
+    evaluate = sub.add_parser("eval", help="evaluate a model on a benchmark")
+    _add_model_args(evaluate)
+    evaluate.add_argument("--benchmark", required=True, help="shapes")
+    evaluate.add_argument("--data", required=True, help="benchmark data folder (shapes: the `llava synth` output)")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--limit", type=int, default=None, help="first N questions of each file")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--output", default=None, help="folder for predictions and metrics.json")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    evaluate.set_defaults(func=cmd_eval)
+
+    clip = sub.add_parser("clip", help="CLIP zero-shot classification and image retrieval")
+    clip_sub = clip.add_subparsers(dest="clip_command", required=True)
+    for name, help_text, func in (("classify", "zero-shot: image + candidate labels -> probabilities",
+                                   cmd_clip_classify),
+                                  ("index", "embed every image of a folder into an index on disk", cmd_clip_index),
+                                  ("search", "rank indexed images against a text or an image", cmd_clip_search)):
+        p = clip_sub.add_parser(name, help=help_text)
+        p.add_argument("--model", default=None, help="CLIPModel folder or hub id (default: the bundled tiny CLIP)")
+        p.add_argument("--device", default="auto")
+        p.set_defaults(func=func)
+        if name == "classify":
+            p.add_argument("--image", required=True)
+            p.add_argument("--labels", required=True, help="comma-separated candidate labels")
+            p.add_argument("--prompt", default="a photo of a {label}", help="default: 'a photo of a {label}'")
+        elif name == "index":
+            p.add_argument("--folder", required=True, help="images to index (searched recursively)")
+            p.add_argument("--index", required=True, help="folder to write the index to")
+        else:
+            p.add_argument("--index", required=True)
+            p.add_argument("--text", default=None, help="text query")
+            p.add_argument("--image", default=None, help="query image")
+            p.add_argument("--top-k", type=int, default=5)
     return parser
 
 

@@ -1,0 +1,271 @@
+"""`llava demo`: the whole LLaVA recipe in miniature, end to end on a CPU, from recipes/mini.yaml:
+shapes world -> tiny CLIP -> tokenizer + tiny LM -> instruction data (rule-based teacher) ->
+stage 1 (projector) -> stage 2 (instruction tuning) -> evaluation, with a summary table.
+
+Every step writes its own folder under the work folder and is skipped when that folder is already
+complete, so a killed demo continues where it stopped. `rebuild` copies the result into models/demo."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .core.errors import TrainConfigError
+from .core.io import atomic_dir, atomic_write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "mini.yaml"
+BUNDLED = ROOT / "models" / "demo"
+STEPS = ("synth", "clip", "lm", "datagen", "pretrain", "finetune", "eval")
+
+
+@dataclass
+class StepResult:
+    name: str
+    seconds: float
+    summary: str
+    skipped: bool = False
+
+
+@dataclass
+class DemoResult:
+    work: Path
+    steps: list[StepResult] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+
+def load_recipe(path: str | Path = RECIPE) -> dict:
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise TrainConfigError(f"{path}: recipe not found") from None
+    except yaml.YAMLError as e:
+        raise TrainConfigError(f"{path}: not valid YAML ({e})") from None
+    missing = [s for s in ("synth", "clip", "lm", "datagen", "pretrain", "finetune") if s not in (recipe or {})]
+    if missing:
+        raise TrainConfigError(f"{path}: no {missing[0]!r} section")
+    return recipe
+
+
+def _dataclass_from(cls, values: dict, section: str):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TrainConfigError(f"recipe section {section!r}: unknown field {unknown[0]!r}")
+    return cls(**values)
+
+
+def _complete(folder: Path, marker: str = "config.json") -> bool:
+    return (folder / marker).exists()
+
+
+def run_demo(work: str | Path = "runs/demo", recipe_path: str | Path = RECIPE, fresh: bool = False,
+             progress: bool = True, log=print) -> DemoResult:
+    """Run every step of the mini recipe into `work`; see the module docstring."""
+    recipe = load_recipe(recipe_path)
+    work = Path(work)
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    seed = int(recipe.get("seed", 0))
+    result = DemoResult(work)
+    shapes = work / "shapes"
+
+    def step(name: str, done: bool, fn):
+        if done:
+            result.steps.append(StepResult(name, 0.0, "already done", skipped=True))
+            log(f"[{name}] already done in {work}")
+            return
+        log(f"[{name}] ...")
+        start = time.perf_counter()
+        summary = fn()
+        result.steps.append(StepResult(name, time.perf_counter() - start, summary))
+        log(f"[{name}] {summary} ({time.perf_counter() - start:.0f} s)")
+
+    step("synth", _complete(shapes, "annotations/instances_test.json"), lambda: _synth(recipe, shapes, seed, progress))
+    step("clip", _complete(work / "clip"), lambda: _clip(recipe, shapes, work / "clip", progress))
+    step("lm", _complete(work / "lm"), lambda: _lm(recipe, shapes, work / "lm", progress))
+    step("datagen", _complete(work / "data", "llava_instruct.json"),
+         lambda: _datagen(recipe, shapes, work / "data", seed, progress))
+    step("pretrain", _complete(work / "stage1"), lambda: _train_stage(recipe, "pretrain", work, progress))
+    step("finetune", _complete(work / "stage2"), lambda: _train_stage(recipe, "finetune", work, progress))
+    step("eval", _complete(work / "eval", "metrics.json"), lambda: _evaluate(recipe, work, progress))
+    result.metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    return result
+
+
+# ---------------------------------------------------------------- steps
+
+def _synth(recipe: dict, shapes: Path, seed: int, progress: bool) -> str:
+    from .data.shapes import synth
+
+    section = dict(recipe["synth"])
+    side = int(section.pop("image_size", 64))
+    counts = synth(shapes, {k: int(v) for k, v in section.items()}, seed=seed, side=side, progress=progress)
+    return ", ".join(f"{n} {split}" for split, n in counts.items()) + " images"
+
+
+def _captions(shapes: Path, split: str) -> list[tuple[str, list[str]]]:
+    data = json.loads((shapes / "annotations" / f"captions_{split}.json").read_text())
+    by_image: dict[int, list[str]] = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann["caption"])
+    return [(str(shapes / image["file_name"]), by_image.get(image["id"], [])) for image in data["images"]]
+
+
+def _corpus(shapes: Path) -> list[str]:
+    """Shapes-world text: the train captions and the train questions with their answers."""
+    texts = [c for _, captions in _captions(shapes, "train") for c in captions]
+    for line in (shapes / "questions" / "short_train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        texts.append(f"{row['text']} {row['answer'].capitalize()}.")
+    return texts
+
+
+def _tokenizer(recipe: dict, shapes: Path):
+    from .data.conversation import conv_templates
+    from .datagen.prompts import DETAIL_INSTRUCTIONS
+    from .train.lm import train_tokenizer
+
+    extra = [t.system for t in conv_templates.values() if t.system] + list(DETAIL_INSTRUCTIONS)
+    extra += ["USER: ASSISTANT: Human: Assistant: ### <image>"]
+    return train_tokenizer(_corpus(shapes) + extra, int(recipe.get("tokenizer", {}).get("vocab_size", 1024)))
+
+
+def _clip(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
+    from .clip.classify import shape_accuracy
+    from .data.shapes import COLOURS, SHAPES
+    from .train.clip import ClipConfig, train_clip
+    from .train.lm import with_eos
+
+    config = _dataclass_from(ClipConfig, recipe["clip"], "clip")
+    stats = train_clip(_captions(shapes, "train"), with_eos(_tokenizer(recipe, shapes), True), config, output,
+                       progress=progress, swap_groups=(SHAPES, tuple(COLOURS)))
+    accuracy = shape_accuracy(output, shapes, "test")
+    atomic_write_text(output / "zero_shot.json", json.dumps(accuracy, indent=2))
+    return (f"{stats['params'] / 1e6:.1f}M params, loss {stats['loss']:.3f}, zero-shot shape accuracy "
+            f"{accuracy['accuracy']:.1%} on {accuracy['n']} test images")
+
+
+def _lm(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
+    from .train.lm import LMConfig, pretrain_lm
+
+    config = _dataclass_from(LMConfig, recipe["lm"], "lm")
+    stats = pretrain_lm(_corpus(shapes), _tokenizer(recipe, shapes), config, output, progress=progress)
+    return f"{stats['params'] / 1e6:.1f}M params, {stats['tokens']} corpus tokens, loss {stats['loss']:.3f}"
+
+
+def _datagen(recipe: dict, shapes: Path, output: Path, seed: int, progress: bool) -> str:
+    from .data.shapes import short_answer_records
+    from .datagen.context import load_coco
+    from .datagen.runner import finish, run
+    from .datagen.teachers import RuleTeacher
+
+    section = recipe["datagen"]
+    kinds = tuple(section.get("kinds", ("conversation", "detail", "complex_reasoning")))
+    contexts = load_coco(shapes / "annotations" / "captions_train.json",
+                         shapes / "annotations" / "instances_train.json")
+    summary = run(contexts, RuleTeacher(seed), output, kinds=kinds, concurrency=1, seed=seed, progress=progress)
+    short = short_answer_records(shapes, "train", int(section.get("questions_per_record", 8)), seed=seed)
+    target = finish(output, kinds, seed=seed, extra=short)
+    records = json.loads(target.read_text())
+    captions = [{"id": f"cap-{Path(path).stem}-{i}", "image": str(Path(path).relative_to(shapes)),
+                 "conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
+                                   {"from": "gpt", "value": caption}]}
+                for path, caps in _captions(shapes, "train") for i, caption in enumerate(caps)]
+    atomic_write_text(output / "captions.json", json.dumps(captions))
+    written = sum(summary.written.values()) + sum(summary.skipped.values())
+    return (f"{written} teacher records ({', '.join(kinds)}), {len(short)} short-answer records, "
+            f"{len(records)} stage-2 records, {len(captions)} stage-1 captions")
+
+
+def _train_config(recipe: dict, stage: str, work: Path):
+    from .train.config import TrainConfig
+
+    values = dict(recipe[stage])
+    values.update(vision_tower=str(work / "clip"), language_model=str(work / "lm"), image_folder=str(work / "shapes"),
+                  stage=stage, progress=values.get("progress", True))
+    if stage == "pretrain":
+        values.update(data=str(work / "data" / "captions.json"), output=str(work / "stage1"))
+    else:
+        values.update(data=str(work / "data" / "llava_instruct.json"), projector=str(work / "stage1"),
+                      output=str(work / "stage2"))
+    return _dataclass_from(TrainConfig, values, stage)
+
+
+def _train_stage(recipe: dict, stage: str, work: Path, progress: bool) -> str:
+    from .train.loop import train
+
+    config = _train_config(recipe, stage, work)
+    config.progress = progress
+    result = train(config)
+    last = result.metrics[-1] if result.metrics else {}
+    return f"{result.state.step} steps, final loss {last.get('loss', float('nan')):.3f}"
+
+
+def _evaluate(recipe: dict, work: Path, progress: bool) -> str:
+    from .eval.shapes import evaluate_shapes
+    from .model.checkpoint import load_pretrained
+
+    section = recipe.get("eval", {})
+    model, processor = load_pretrained(work / "stage2", device="cpu")
+    metrics = evaluate_shapes(model, processor, work / "shapes", split=section.get("split", "test"),
+                              limit=section.get("limit"), batch_size=int(section.get("batch_size", 32)),
+                              output=work / "eval", progress=progress)
+    return f"short-answer accuracy {metrics['short']['accuracy']:.1%}, POPE F1 {metrics['pope_f1']:.3f}"
+
+
+# ---------------------------------------------------------------- output
+
+def summary_table(result: DemoResult) -> str:
+    """The steps and the headline numbers as a rich table (plain text)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"llava demo ({result.work})")
+    table.add_column("step")
+    table.add_column("time", justify="right")
+    table.add_column("result")
+    for s in result.steps:
+        table.add_row(s.name, "-" if s.skipped else f"{s.seconds:.0f} s", s.summary)
+    total = sum(s.seconds for s in result.steps)
+    table.add_row("total", f"{total / 60:.1f} min", "")
+    metrics = result.metrics
+    if metrics:
+        short = metrics["short"]
+        per = ", ".join(f"{k} {v:.1%}" for k, v in short.items() if k not in ("accuracy", "n"))
+        table.add_row("shapes short answers", "", f"{short['accuracy']:.1%} ({per}; n={short['n']})")
+        for name, m in metrics["pope"].items():
+            table.add_row(f"POPE {name}", "", f"F1 {m['f1']:.3f}, accuracy {m['accuracy']:.1%}, "
+                          f"precision {m['precision']:.3f}, recall {m['recall']:.3f}, yes {m['yes_ratio']:.1%}")
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(table)
+    return console.export_text()
+
+
+def rebuild(result: DemoResult, target: Path = BUNDLED, limit_mb: float = 30.0) -> Path:
+    """Copy the stage-2 model (and the CLIP model under clip/) into `target`, replacing what is there."""
+    work = result.work
+    with atomic_dir(target) as folder:
+        for item in (work / "stage2").iterdir():
+            if item.is_file() and item.suffix in (".json", ".safetensors", ".jinja", ".txt", ".model") \
+                    and item.name != "train_config.json":  # the run's own record, with local paths
+                shutil.copy2(item, folder / item.name)
+        (folder / "clip").mkdir()
+        for item in (work / "clip").iterdir():
+            if item.is_file():
+                shutil.copy2(item, folder / "clip" / item.name)
+        metrics = dict(result.metrics)
+        metrics["clip_zero_shot"] = json.loads((work / "clip" / "zero_shot.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+        if size > limit_mb:
+            raise TrainConfigError(f"the demo model is {size:.1f} MB, over the {limit_mb:.0f} MB limit for "
+                                   "models/demo; shrink the recipe's models")
+    return target
