@@ -18,7 +18,7 @@ import torch
 from ..core.errors import TrainConfigError
 from ..core.io import atomic_dir
 from ..data.image_processor import ImageProcessor
-from ..data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image
+from ..data.images import load_image
 from .optim import adamw_with_cosine
 
 
@@ -39,7 +39,6 @@ class ClipConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.1
     hard_negatives: bool = True  # NegCLIP: each caption also competes with a copy that has one word swapped
-    grey_fraction: float = 0.0   # this share of images shown in grey, with a caption that names no colour
     seed: int = 0
 
 
@@ -60,15 +59,6 @@ def swap_one_word(caption: str, groups: tuple[tuple[str, ...], ...], rng: random
     return "".join(words)
 
 
-def _to_grey(pixels: torch.Tensor) -> torch.Tensor:
-    """Normalised RGB pixels -> the same image in grey (ITU-R 601 luma), normalised again."""
-    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
-    rgb = pixels * std + mean
-    luma = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]).unsqueeze(1)
-    return (luma.expand_as(rgb) - mean) / std
-
-
 def _contrastive_loss(image_embeds, text_embeds, negative_embeds, scale):
     """CLIP's symmetric loss; images also see the hard-negative captions as wrong answers."""
     import torch.nn.functional as F
@@ -84,9 +74,8 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
                progress: bool = False, swap_groups: tuple[tuple[str, ...], ...] = ()) -> dict:
     """Train a fresh CLIPModel on (image path, captions) pairs; each step draws one caption per image.
     With `hard_negatives` and `swap_groups` (e.g. the shape names, the colour names) each caption gets a
-    one-word-swapped twin as an extra negative; with `grey_fraction`, that share of images is shown in
-    grey with a caption free of the second group's (colour) words. Saves model, tokenizer and
-    preprocessor_config.json to `output`. Returns {"loss": ..., "params": ...}."""
+    one-word-swapped twin as an extra negative. Saves model, tokenizer and preprocessor_config.json to
+    `output`. Returns {"loss": ..., "params": ...}."""
     import torch.nn.functional as F
     from tqdm import tqdm
     from transformers import CLIPConfig, CLIPModel
@@ -112,9 +101,6 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
                                         tqdm(pairs, desc="clip images", disable=not progress, unit="img")]))
     optimizer, schedule = adamw_with_cosine(model, config.lr, config.weight_decay, (0.9, 0.98),
                                             config.warmup_steps, config.steps)
-    colour_words = set(swap_groups[1]) if len(swap_groups) > 1 else set()
-    colourless = [[c for c in captions if not colour_words & set(re.findall(r"\w+", c.lower()))]
-                  if colour_words else [] for _, captions in pairs]
     model.train()
     losses: list[float] = []
     order: list[int] = []
@@ -125,19 +111,13 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
             rng.shuffle(fresh)
             order += fresh
         rows, order = order[:config.batch_size], order[config.batch_size:]
-        grey = [i for i in rows if colourless[i] and rng.random() < config.grey_fraction]
-        texts = [rng.choice(colourless[i] if i in grey else pairs[i][1]) for i in rows]
-        images = pixels[rows]
-        if grey:  # colour cannot be the shortcut: the image must be matched by what else it shows
-            mask = torch.tensor([i in grey for i in rows])
-            images = images.clone()
-            images[mask] = _to_grey(images[mask])
+        texts = [rng.choice(pairs[i][1]) for i in rows]
         negatives = [swap_one_word(t, swap_groups, rng) for t in texts] if config.hard_negatives else []
         negatives = [n for n in negatives if n is not None]
         tokens = tokenizer(texts + negatives, padding=True, truncation=True, max_length=config.max_text_length,
                            return_tensors="pt")
         text_embeds = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        image_embeds = model.get_image_features(pixel_values=images)
+        image_embeds = model.get_image_features(pixel_values=pixels[rows])
         text_embeds = F.normalize(getattr(text_embeds, "pooler_output", text_embeds), dim=-1)
         image_embeds = F.normalize(getattr(image_embeds, "pooler_output", image_embeds), dim=-1)
         n = len(rows)
