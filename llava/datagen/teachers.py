@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 
 from ..core.errors import LlavaError
@@ -39,6 +40,12 @@ class OpenAITeacher:
         self.temperature, self.max_tokens = temperature, max_tokens
         self.max_retries, self.backoff = max_retries, backoff
         self.stats = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self._lock = threading.Lock()  # respond() runs in several threads at once
+
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            for key, amount in amounts.items():
+                self.stats[key] += amount
 
     def respond(self, kind: str, context: Context) -> str:
         import openai
@@ -46,7 +53,7 @@ class OpenAITeacher:
         retryable = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
                      openai.InternalServerError)
         for attempt in range(self.max_retries + 1):
-            self.stats["requests"] += 1
+            self._count(requests=1)
             try:
                 reply = self.client.chat.completions.create(model=self.model, messages=messages(kind, context),
                                                             temperature=self.temperature,
@@ -55,15 +62,15 @@ class OpenAITeacher:
                 if attempt == self.max_retries:
                     raise TeacherUnavailable(f"teacher at {self.client.base_url} failed {attempt + 1} times: "
                                              f"{type(e).__name__}: {e}") from None
-                self.stats["retries"] += 1
+                self._count(retries=1)
                 time.sleep(self.backoff * 2 ** attempt * (0.5 + random.random()))
                 continue
             except openai.APIStatusError as e:  # 4xx other than 429: retrying will not help
                 raise TeacherUnavailable(f"teacher at {self.client.base_url} refused the request: "
                                          f"{e.status_code} {e.message}") from None
             if reply.usage is not None:
-                self.stats["prompt_tokens"] += reply.usage.prompt_tokens or 0
-                self.stats["completion_tokens"] += reply.usage.completion_tokens or 0
+                self._count(prompt_tokens=reply.usage.prompt_tokens or 0,
+                            completion_tokens=reply.usage.completion_tokens or 0)
             if not reply.choices:
                 return ""
             return reply.choices[0].message.content or ""
