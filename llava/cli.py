@@ -197,6 +197,60 @@ def cmd_clip_search(args) -> int:
     return 0
 
 
+def _engine(args):
+    from .generate.engine import Engine
+
+    model, processor = _load(args)
+    return Engine(model, processor, max_batch_size=args.max_batch_size, feature_cache_size=args.feature_cache_size,
+                  prefix_cache_tokens=args.prefix_cache_tokens)
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    import uvicorn
+
+    from .serve.api import ServeConfig, create_app
+    from .serve.media import MediaPolicy
+
+    media = MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
+                        allow_remote_images=args.allow_remote_images, max_image_bytes=args.max_image_bytes,
+                        max_image_pixels=args.max_image_pixels, fetch_timeout=args.fetch_timeout)
+    engine = _engine(args)
+    name = args.served_model_name or (args.model or "llava-demo")
+    config = ServeConfig(model_name=name, api_key=args.api_key or os.environ.get("LLAVA_API_KEY"),
+                         conv_mode=args.conv_mode, media=media, max_body_bytes=args.max_body_bytes,
+                         max_images_per_request=args.max_images_per_request, max_queue=args.max_queue)
+    print(f"llava serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_webui(args) -> int:
+    from .serve.webui import ApiBackend, EngineBackend, build_ui
+
+    if args.api_url:
+        backend = ApiBackend(args.api_url, api_key=args.api_key, model=args.served_model_name)
+    else:
+        backend = EngineBackend(_engine(args), conv_mode=args.conv_mode)
+    build_ui(backend).queue(default_concurrency_limit=args.concurrency).launch(
+        server_name=args.host, server_port=args.port, share=False, show_error=True)
+    return 0
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    _add_model_args(parser)
+    parser.add_argument("--conv-mode", default=None, help="conversation template (default: the checkpoint's)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default 32)")
+    parser.add_argument("--feature-cache-size", type=int, default=64, help="images whose features are kept")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=16384,
+                        help="tokens of finished conversations kept for reuse (0 = off)")
+
+
 def _is_main_process() -> bool:
     import os
 
@@ -269,6 +323,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true", help="start over: delete the work folder first")
     demo.add_argument("--rebuild", action="store_true", help="copy the result into models/demo (the bundled model)")
     demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /metrics)",
+                           description="Safe by default: local files and remote URLs are refused unless allowed.")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LLAVA_API_KEY)")
+    serve.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="allow file:// and path image URLs under DIR (default: none)")
+    serve.add_argument("--allow-remote-images", action="store_true", help="allow fetching http(s) image URLs")
+    serve.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
+    serve.add_argument("--max-image-pixels", type=int, default=64_000_000)
+    serve.add_argument("--max-images-per-request", type=int, default=8)
+    serve.add_argument("--max-body-bytes", type=int, default=50 * 1024 * 1024)
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    serve.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds for one remote image")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+
+    webui = sub.add_parser("webui", help="Gradio chat page on the engine, or on a running `llava serve`")
+    _add_engine_args(webui)
+    webui.add_argument("--api-url", default=None, help="talk to a running server, e.g. http://127.0.0.1:8000/v1")
+    webui.add_argument("--api-key", default=None, help="the server's key (default: $LLAVA_API_KEY)")
+    webui.add_argument("--served-model-name", default=None, help="model id on that server (default: its first)")
+    webui.add_argument("--host", default="127.0.0.1")
+    webui.add_argument("--port", type=int, default=7860)
+    webui.add_argument("--concurrency", type=int, default=16, help="chats generating at once (default 16)")
+    webui.set_defaults(func=cmd_webui)
 
     evaluate = sub.add_parser("eval", help="evaluate a model on a benchmark")
     _add_model_args(evaluate)

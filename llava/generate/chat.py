@@ -10,6 +10,13 @@ from .generate import generate_text
 from .sampling import SamplingParams
 
 
+def chat_prompt(processor, messages: list[dict], conv_mode: str | None = None) -> tuple[str, list[str]]:
+    """(prompt, the template's stop strings) for messages whose content has image tokens inline."""
+    mode = conv_mode or processor.conv_mode
+    prompt, _ = processor.build_prompt(messages, conv_mode=mode)
+    return prompt, stop_strings(mode)
+
+
 class ChatSession:
     """Keeps the turns and images so far; each `ask` renders the whole conversation and answers.
 
@@ -29,8 +36,8 @@ class ChatSession:
         content = text if image is None else f"{self.processor.image_token}\n{text}"
         messages = self.messages + [{"role": "user", "content": content}]
         images = self.images + ([image] if image is not None else [])
-        prompt, _ = self.processor.build_prompt(messages, conv_mode=self.conv_mode)
-        params = dataclasses.replace(self.params, stop=self.params.stop + stop_strings(self.conv_mode))
+        prompt, stop = chat_prompt(self.processor, messages, self.conv_mode)
+        params = dataclasses.replace(self.params, stop=self.params.stop + stop)
         callback = (lambda _row, delta: on_text(delta)) if on_text is not None else None
         answer = generate_text(self.model, self.processor, [prompt], images, params, on_text=callback)[0]
         answer = answer.strip()
