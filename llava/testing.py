@@ -3,6 +3,9 @@ spot: for tests, benchmarks and `make demo` on a machine with no downloads. Thei
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -187,3 +190,23 @@ def write_colour_dataset(folder: str | Path, images: int = 24, text_only: int = 
     else:
         path.write_text(json.dumps(records, indent=1))
     return path
+
+
+@contextlib.contextmanager
+def serve_in_thread(app):
+    """Run an ASGI app on a free localhost port in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import base64
 import mimetypes
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import gradio as gr
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local chat page
+
+import gradio as gr  # noqa: E402
 
 from ..core.errors import LlavaError
 from ..data.images import load_image
@@ -49,8 +52,6 @@ class ApiBackend:
     """Generates on a running `llava serve` (or any OpenAI-compatible server) with the openai client."""
 
     def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None):
-        import os
-
         import openai
 
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get("LLAVA_API_KEY") or "none")
