@@ -13,6 +13,10 @@ install:
 	# resolving a fresh torch with gigabytes of CUDA packages.
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	$(PIP) install --quiet -e ".[test]"
+	# the web UI test drives Debian's chromium through Playwright (which never downloads a browser here)
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; } } || \
+		echo "note: chromium is not installed (apt-get install chromium); the browser test will be skipped"
 
 test:
 	$(PY) -m pytest tests

@@ -197,16 +197,18 @@ def cmd_clip_search(args) -> int:
     return 0
 
 
-def _engine(args):
+def _engine(args, threaded: bool = True):
     from .generate.engine import Engine
 
     model, processor = _load(args)
     return Engine(model, processor, max_batch_size=args.max_batch_size, feature_cache_size=args.feature_cache_size,
-                  prefix_cache_tokens=args.prefix_cache_tokens)
+                  prefix_cache_tokens=args.prefix_cache_tokens, threaded=threaded)
 
 
 def cmd_serve(args) -> int:
     import os
+    import signal
+    import threading
 
     import uvicorn
 
@@ -216,29 +218,55 @@ def cmd_serve(args) -> int:
     media = MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                         allow_remote_images=args.allow_remote_images, max_image_bytes=args.max_image_bytes,
                         max_image_pixels=args.max_image_pixels, fetch_timeout=args.fetch_timeout)
-    engine = _engine(args)
+    engine = _engine(args, threaded=False)  # its loop runs in the main thread below
     name = args.served_model_name or (args.model or "llava-demo")
     config = ServeConfig(model_name=name, api_key=args.api_key or os.environ.get("LLAVA_API_KEY"),
                          conv_mode=args.conv_mode, media=media, max_body_bytes=args.max_body_bytes,
                          max_images_per_request=args.max_images_per_request, max_queue=args.max_queue)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host=args.host, port=args.port,
+                                           log_level=args.log_level, timeout_graceful_shutdown=5))
+    # HTTP in a thread, the model in the main thread (see Engine.run_forever); Ctrl-C or SIGTERM stops both
+    thread = threading.Thread(target=_serve_until_done, args=(server, engine), name="http", daemon=True)
+    thread.start()
+    signal.signal(signal.SIGTERM, lambda *_: engine.close())
     print(f"llava serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=5)
-    finally:
+        engine.run_forever()
+    except KeyboardInterrupt:
         engine.close()
+    server.should_exit = True
+    thread.join(timeout=10)
+    if getattr(server, "startup_failed", False) or not server.started:
+        raise LlavaError(f"could not serve on {args.host}:{args.port} (is the port in use?)")
     return 0
+
+
+def _serve_until_done(server, engine) -> None:
+    try:
+        server.run()
+    finally:
+        engine.close()  # the server stopped (or could not start): end the engine's loop too
 
 
 def cmd_webui(args) -> int:
     from .serve.webui import ApiBackend, EngineBackend, build_ui
 
+    engine = None
     if args.api_url:
         backend = ApiBackend(args.api_url, api_key=args.api_key, model=args.served_model_name)
     else:
-        backend = EngineBackend(_engine(args), conv_mode=args.conv_mode)
-    build_ui(backend).queue(default_concurrency_limit=args.concurrency).launch(
-        server_name=args.host, server_port=args.port, share=False, show_error=True)
+        engine = _engine(args, threaded=False)  # its loop runs in the main thread below
+        backend = EngineBackend(engine, conv_mode=args.conv_mode)
+    page = build_ui(backend).queue(default_concurrency_limit=args.concurrency)
+    page.launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
+                prevent_thread_lock=engine is not None)
+    if engine is not None:  # the model in the main thread (see Engine.run_forever)
+        try:
+            engine.run_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            page.close()
     return 0
 
 

@@ -197,3 +197,22 @@ def test_incremental_detokenization_equals_decoding_the_whole(checkpoints):
     stream = TextStream(tokenizer)
     assert "".join(stream.push(i) for i in byte_level) + stream.finish() == tokenizer.decode(
         byte_level, skip_special_tokens=True)
+
+
+def test_the_loop_can_run_in_the_callers_thread(loaded, photos):
+    model, processor = loaded
+    engine = Engine(model, processor, threaded=False)
+    prompt, params = _prompt(processor, QUESTIONS[0]), SamplingParams(max_new_tokens=5)
+    out = {}
+
+    def client():
+        try:
+            out["text"] = engine.submit(prompt, [photos["wide"]], params).result(timeout=60).text
+        finally:
+            engine.close()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    engine.run_forever()  # returns once the client closes the engine
+    thread.join()
+    assert out["text"] == _reference(model, processor, prompt, [photos["wide"]], params)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ..core.errors import ContextLengthError, LlavaError
 from .generate import _eos_ids
@@ -139,6 +140,8 @@ class _Prepared:
     key: np.ndarray  # ids with image positions replaced by (negative) image-content keys
     images: list  # PIL images in order
     image_keys: list[int]
+    image_starts: list[int]  # where each image's tokens begin in ids
+    image_counts: list[int]  # how many tokens each image has
 
 
 @dataclass
@@ -202,11 +205,54 @@ class _PrefixCache:
         self.tokens -= len(stored)
 
 
+class _GrowingLayer(DynamicLayer):
+    """A cache layer whose keys and values live in a buffer with room to spare: a decode step writes
+    one column in place, where DynamicLayer copies the whole cache to append it (quadratic in length)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.length = keys.shape[2]
+        self._buffers = [self._alloc(keys, self.length + room), self._alloc(values, self.length + room)]
+        self._buffers[0][:, :, :self.length] = keys
+        self._buffers[1][:, :, :self.length] = values
+        self._views()
+
+    @staticmethod
+    def _alloc(like: torch.Tensor, capacity: int) -> torch.Tensor:
+        batch, heads, _, dim = like.shape
+        return like.new_empty(batch, heads, capacity, dim)
+
+    def _views(self) -> None:
+        self.keys = self._buffers[0][:, :, :self.length]
+        self.values = self._buffers[1][:, :, :self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        new = key_states.shape[2]
+        if self.length + new > self._buffers[0].shape[2]:  # full: double the room
+            grown = [self._alloc(b, 2 * (self.length + new)) for b in self._buffers]
+            for g, b in zip(grown, self._buffers):
+                g[:, :, :self.length] = b[:, :, :self.length]
+            self._buffers = grown
+        self._buffers[0][:, :, self.length:self.length + new] = key_states
+        self._buffers[1][:, :, self.length:self.length + new] = value_states
+        self.length += new
+        self._views()
+        return self.keys, self.values
+
+
+def _growing_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], room: int = 64) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = [_GrowingLayer(k, v, room) for k, v in layers]
+    return cache
+
+
 class Engine:
     """Serves many requests at once with one model. `submit` returns a RequestHandle at once."""
 
     def __init__(self, model, processor, *, max_batch_size: int = 32, feature_cache_size: int = 64,
-                 prefix_cache_tokens: int = 16384, prefix_min_tokens: int = 16):
+                 prefix_cache_tokens: int = 16384, prefix_min_tokens: int = 16, threaded: bool = True):
+        """threaded=False: no thread of its own; the caller runs the loop with `run_forever()`."""
         if max_batch_size < 1:
             raise LlavaError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.model = model.eval()
@@ -222,11 +268,13 @@ class Engine:
         self._prefix = _PrefixCache(prefix_cache_tokens, max(1, prefix_min_tokens))
         self._waiting: list[_Row] = []
         self._rows: list[_Row] = []
-        self._layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the batch's KV, right-aligned
+        self._cache: DynamicCache | None = None  # the batch's keys and values, right-aligned
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._own_thread = False
+        self._threaded = threaded
 
     # -- requests -------------------------------------------------------------------------------------
     def prepare(self, prompt: str, images: list | None = None) -> _Prepared:
@@ -244,7 +292,9 @@ class Engine:
                              f"{sum(counts)}; is {processor.image_token} part of another word?")
         if len(positions):
             key[positions] = np.repeat(np.asarray([-k for k in image_keys], dtype=np.int64), counts)
-        return _Prepared(ids=ids, key=key, images=images, image_keys=image_keys)
+        starts = [int(positions[sum(counts[:i])]) for i in range(len(counts))]
+        return _Prepared(ids=ids, key=key, images=images, image_keys=image_keys, image_starts=starts,
+                         image_counts=counts)
 
     def submit(self, prompt: str | _Prepared, images: list | None = None, params: SamplingParams | None = None,
                *, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
@@ -267,8 +317,9 @@ class Engine:
                 raise LlavaError("the engine is closed")
             self._waiting.append(row)
             self.stats.waiting = len(self._waiting)
-            if self._thread is None:
+            if self._thread is None and self._threaded:
                 self._thread = threading.Thread(target=self._run, name="llava-engine", daemon=True)
+                self._own_thread = True
                 self._thread.start()
             self._lock.notify()
         return handle
@@ -281,11 +332,28 @@ class Engine:
         handles = [self.submit(p, im, pa) for p, im, pa in zip(prompts, images, params)]
         return [h.result() for h in handles]
 
+    def run_forever(self) -> None:
+        """Run the loop in the calling thread until `close()` (from another thread, or Ctrl-C here).
+
+        Without it the engine starts its own thread at the first `submit`. The main thread is the
+        better home on CPU: OpenMP keeps its fast spinning workers for the first thread that used
+        them, and a second thread's batched matmuls wait on futexes (measured: 3-4x slower at 16 rows).
+        """
+        with self._lock:
+            if self._thread is not None:
+                raise LlavaError("the engine is already running")
+            self._thread = threading.current_thread()
+        try:
+            self._run()
+        finally:
+            with self._lock:
+                self._closed = True
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._lock.notify()
-        if self._thread is not None:
+        if self._own_thread and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     @property
@@ -303,7 +371,7 @@ class Engine:
                 room = self.max_batch_size - len(self._rows)
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
                 self.stats.waiting = len(self._waiting)
-            with torch.no_grad():
+            with torch.inference_mode():  # the engine never trains: no autograd bookkeeping at all
                 for row in joining:
                     self._admit(row)
                 if self._rows:
@@ -312,10 +380,12 @@ class Engine:
                     except Exception as e:  # noqa: BLE001 - a failed step ends its requests, never the engine
                         for row in self._rows:
                             self._end(row, "error", f"generation failed: {e.__class__.__name__}: {e}")
-                        self._rows, self._layers = [], None
+                        self._rows, self._cache = [], None
             self.stats.running = len(self._rows)
-        for row in self._rows + self._waiting:
-            self._end(row, "cancelled")
+        with torch.inference_mode():
+            for row in self._rows + self._waiting:
+                self._end(row, "cancelled")
+            self._rows, self._waiting, self._cache = [], [], None
 
     def _admit(self, row: _Row) -> None:
         """Prefill one request (reusing cached features and prefix keys) and sample its first token."""
@@ -324,14 +394,14 @@ class Engine:
             return
         try:
             prepared = row.prepared
-            features = self._image_features(prepared)
-            embeds = self.model.embed(torch.tensor([prepared.ids], device=self.model.device),
-                                      image_features=features or None)
-            reuse, past = self._prefix.lookup(prepared.key)
             n = len(prepared.ids)
+            reuse, past = self._prefix.lookup(prepared.key)
+            ids = torch.tensor([prepared.ids[reuse:]], device=self.model.device)
+            features = self._image_features(prepared, reuse)
+            embeds = self.model.embed(ids, image_features=features or None)
             cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
             positions = torch.arange(reuse, n, device=self.model.device)[None]
-            out = self.model(inputs_embeds=embeds[:, reuse:], position_ids=positions, past_key_values=cache,
+            out = self.model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
         except Exception as e:  # noqa: BLE001 - a bad request fails alone
             self._end(row, "error", f"{e.__class__.__name__}: {e}" if not isinstance(e, LlavaError) else str(e))
@@ -340,29 +410,35 @@ class Engine:
         row.length = n
         self.stats.prompt_tokens += n
         self.stats.cached_prompt_tokens += reuse
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         if not self._accept(row, out.logits[:, -1]):
-            self._remember(row, layers, 0)
+            self._remember(row, out.past_key_values, 0)
             return
-        self._join(row, layers)
+        self._join(row, out.past_key_values)
 
-    def _image_features(self, prepared: _Prepared) -> list[torch.Tensor]:
-        missing = [(im, key) for im, key in zip(prepared.images, prepared.image_keys) if key not in self._features]
-        self.stats.feature_cache_hits += len(prepared.images) - len(missing)
+    def _image_features(self, prepared: _Prepared, reuse: int) -> list[torch.Tensor]:
+        """Features for the image tokens after the first `reuse` positions (whose keys are cached):
+        an image wholly inside the reused prefix needs none, one cut by it only its tail."""
+        needed = []  # (image, key, features to skip)
+        for image, key, first, count in zip(prepared.images, prepared.image_keys, prepared.image_starts,
+                                            prepared.image_counts):
+            if first + count > reuse:
+                needed.append((image, key, max(0, reuse - first)))
+        missing = {key: image for image, key, _ in needed if key not in self._features}
+        self.stats.feature_cache_hits += len(needed) - len(missing)
         self.stats.feature_cache_misses += len(missing)
         fresh = {}
         if missing:
-            inputs = self.processor(images=[im for im, _ in missing], return_tensors="pt")
+            inputs = self.processor(images=list(missing.values()), return_tensors="pt")
             pixel_values = inputs["pixel_values"].to(self.model.device)
             features = self.model.get_image_features(pixel_values, inputs.get("image_sizes"))
-            fresh = {key: feature for (_, key), feature in zip(missing, features)}
+            fresh = dict(zip(missing, features))
         out = []
-        for key in prepared.image_keys:
+        for _, key, skip in needed:
             feature = fresh.get(key)
             if feature is None:
                 feature = self._features[key]
                 self._features.move_to_end(key)
-            out.append(feature)
+            out.append(feature[skip:])
         if self._feature_cache_size > 0:
             for key, feature in fresh.items():
                 self._features[key] = feature
@@ -370,29 +446,30 @@ class Engine:
                 self._features.popitem(last=False)
         return out
 
-    def _join(self, row: _Row, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _join(self, row: _Row, cache: DynamicCache) -> None:
         """Add a prefilled row to the batch, left-padding whichever side is shorter."""
-        if self._layers is None:
-            self._layers, self._rows = layers, [row]
+        if self._cache is None:
+            self._cache, self._rows = _growing_cache([(x.keys, x.values) for x in cache.layers]), [row]
             return
-        width, n = self._layers[0][0].shape[2], layers[0][0].shape[2]
+        width, n = self._cache.get_seq_length(), cache.get_seq_length()
         grow_batch, grow_row = max(0, n - width), max(0, width - n)
-        self._layers = [
-            (torch.cat([F.pad(bk, (0, 0, grow_batch, 0)), F.pad(k, (0, 0, grow_row, 0))], dim=0),
-             torch.cat([F.pad(bv, (0, 0, grow_batch, 0)), F.pad(v, (0, 0, grow_row, 0))], dim=0))
-            for (bk, bv), (k, v) in zip(self._layers, layers)]
+        self._cache = _growing_cache([
+            (torch.cat([F.pad(old.keys, (0, 0, grow_batch, 0)), F.pad(new.keys, (0, 0, grow_row, 0))], dim=0),
+             torch.cat([F.pad(old.values, (0, 0, grow_batch, 0)), F.pad(new.values, (0, 0, grow_row, 0))], dim=0))
+            for old, new in zip(self._cache.layers, cache.layers)])
         self._rows.append(row)
 
     def _step(self) -> None:
         """One decode step for every running row, then drop the rows that have ended."""
         rows, device = self._rows, self.model.device
-        width = self._layers[0][0].shape[2]
+        width = self._cache.get_seq_length()
         lengths = torch.tensor([r.length for r in rows], device=device)
-        mask = (torch.arange(width + 1, device=device)[None] >= (width - lengths)[:, None]).long()
+        # no padding anywhere (one row, or rows of one length): no mask, the attention's fast path
+        mask = None if all(r.length == width for r in rows) else \
+            (torch.arange(width + 1, device=device)[None] >= (width - lengths)[:, None]).long()
         tokens = torch.tensor([[r.last] for r in rows], device=device)
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=lengths[:, None],
-                         past_key_values=DynamicCache(ddp_cache_data=self._layers), use_cache=True)
-        self._layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+                         past_key_values=self._cache, use_cache=True)
         self.stats.decode_steps += 1
         logits = out.logits[:, -1]
         for r in rows:
@@ -407,16 +484,17 @@ class Engine:
             elif self._accept(r, logits[i:i + 1], chosen.get(i)):
                 keep.append(i)
             else:
-                self._remember(r, self._layers, i)
+                self._remember(r, self._cache, i)
         if len(keep) < len(rows):
             self._rows = [rows[i] for i in keep]
             if not self._rows:
-                self._layers = None
+                self._cache = None
                 return
             index = torch.tensor(keep, device=device)
             cut = width + 1 - max(r.length for r in self._rows)
-            self._layers = [(k.index_select(0, index)[:, :, cut:], v.index_select(0, index)[:, :, cut:])
-                            for k, v in self._layers]
+            self._cache = _growing_cache([
+                (layer.keys.index_select(0, index)[:, :, cut:], layer.values.index_select(0, index)[:, :, cut:])
+                for layer in self._cache.layers])
 
     def _accept(self, row: _Row, logits: torch.Tensor, token: int | None = None) -> bool:
         """Choose and hand out the next token; False when the row has ended."""
@@ -426,7 +504,7 @@ class Engine:
         if row.first_token_at is None:
             row.first_token_at = time.perf_counter()
         row.generated += 1
-        if token in self.eos:
+        if token in self.eos and not row.params.ignore_eos:
             self._end(row, "stop")
             return False
         row.seen.append(token)
@@ -442,14 +520,14 @@ class Engine:
         row.last = token
         return True
 
-    def _remember(self, row: _Row, layers, index: int) -> None:
+    def _remember(self, row: _Row, cache: DynamicCache, index: int) -> None:
         """Keep the finished row's keys (prompt + fed answer tokens) for a later prompt with the same prefix."""
-        if row.finish_reason not in ("stop", "length"):
+        if row.finish_reason not in ("stop", "length") or self._prefix.max_tokens <= 0:
             return
         key = np.concatenate([row.prepared.key, np.asarray(row.fed, dtype=np.int64)])
-        width = layers[0][0].shape[2]
-        kept = [(k[index:index + 1, :, width - row.length:].clone(), v[index:index + 1, :, width - row.length:].clone())
-                for k, v in layers]
+        start = cache.get_seq_length() - row.length
+        kept = [(layer.keys[index:index + 1, :, start:].clone(), layer.values[index:index + 1, :, start:].clone())
+                for layer in cache.layers]
         self._prefix.store(key[:row.length], kept)
 
     def _end(self, row: _Row, reason: str, error: str | None = None) -> None:

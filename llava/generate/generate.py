@@ -74,7 +74,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             if finished[row]:
                 continue
             token_id = int(token[row])
-            if token_id in eos:
+            if token_id in eos and not params.ignore_eos:
                 finished[row] = True
                 continue
             if streams is not None:

@@ -22,6 +22,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # keep going past EOS (benchmarks: a fixed number of tokens)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
