@@ -188,13 +188,20 @@ def test_body_size_limit_and_a_disconnecting_client(tiny, photos):
     with running(create_app(engine, ServeConfig(model_name="m", max_body_bytes=2000))) as url:
         response = httpx.post(url + "/v1/chat/completions", json={"messages": user("x" * 5000)})
         assert response.status_code == 413 and "over the limit of 2000 bytes" in response.json()["error"]["message"]
-        body = {"messages": user("Tell me everything."), "max_tokens": 400, "temperature": 0, "stream": True}
+        body = {"messages": user("Tell me everything."), "max_tokens": 400, "temperature": 0, "stream": True,
+                "ignore_eos": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body) as stream:
             next(stream.iter_lines())  # the first event, then hang up
         deadline = time.time() + 30
         while engine.stats.requests["cancelled"] == 0 and time.time() < deadline:
             time.sleep(0.05)
         assert engine.stats.requests["cancelled"] == 1 and engine.stats.running == 0
+        with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up waiting
+            httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
+        deadline = time.time() + 30
+        while engine.stats.requests["cancelled"] == 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.stats.requests["cancelled"] == 2
         assert httpx.get(url + "/health").status_code == 200
     engine.close()
 

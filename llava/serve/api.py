@@ -220,6 +220,7 @@ def _parse_chat(body: bytes, config: ServeConfig, image_token: str) -> _ChatRequ
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"{name} must be at least 1", param=name)
     seed = _typed(payload, "seed", int, None)
+    ignore_eos = _typed(payload, "ignore_eos", bool, False)  # vLLM's extension: benchmarks, tests
     stop = get("stop")
     if stop is None:
         stop = []
@@ -232,7 +233,8 @@ def _parse_chat(body: bytes, config: ServeConfig, image_token: str) -> _ChatRequ
         raise ApiError(400, f"{len(image_urls)} images is over the limit of {config.max_images_per_request} "
                             "images per request", param="messages", code="too_many_images")
     params = SamplingParams(max_new_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, top_k=top_k,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=[s for s in stop if s])
+                            repetition_penalty=repetition_penalty, seed=seed, stop=[s for s in stop if s],
+                            ignore_eos=ignore_eos)
     return _ChatRequest(messages, image_urls, params, max_tokens, stream, bool(options.get("include_usage")))
 
 
