@@ -54,11 +54,26 @@ def load_recipe(path: str | Path = RECIPE) -> dict:
 
 
 def _dataclass_from(cls, values: dict, section: str):
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
+    _check_fields(cls, values, section)
+    return cls(**values)
+
+
+def _check_fields(cls, values: dict, section: str) -> None:
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
     if unknown:
         raise TrainConfigError(f"recipe section {section!r}: unknown field {unknown[0]!r}")
-    return cls(**values)
+
+
+def _check_recipe(recipe: dict) -> None:
+    """Every section's field names, checked before the first step runs rather than when its step comes."""
+    from .train.clip import ClipConfig
+    from .train.config import TrainConfig
+    from .train.lm import LMConfig
+
+    _dataclass_from(ClipConfig, recipe["clip"], "clip")
+    _dataclass_from(LMConfig, recipe["lm"], "lm")
+    for stage in ("pretrain", "finetune"):
+        _check_fields(TrainConfig, recipe[stage], stage)
 
 
 def _complete(folder: Path, marker: str = "config.json") -> bool:
@@ -69,6 +84,7 @@ def run_demo(work: str | Path = "runs/demo", recipe_path: str | Path = RECIPE, f
              progress: bool = True, log=print) -> DemoResult:
     """Run every step of the mini recipe into `work`; see the module docstring."""
     recipe = load_recipe(recipe_path)
+    _check_recipe(recipe)
     work = Path(work)
     if fresh and work.exists():
         shutil.rmtree(work)
