@@ -17,6 +17,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint folder or hub id (default: the bundled demo model in models/demo)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
+    parser.add_argument("--model-base", default=None,
+                        help="base language model of an original projector-only or LoRA checkpoint")
+    parser.add_argument("--vision-tower", default=None, help="replace an original checkpoint's mm_vision_tower")
+    bits = parser.add_mutually_exclusive_group()
+    bits.add_argument("--load-8bit", action="store_true", help="language model in 8 bits (bitsandbytes)")
+    bits.add_argument("--load-4bit", action="store_true", help="language model in 4 bits NF4 (bitsandbytes)")
 
 
 def _load(args):
@@ -27,7 +33,14 @@ def _load(args):
         if not (DEFAULT_MODEL / "config.json").exists():
             raise LlavaError(f"no --model given and no bundled demo model at {DEFAULT_MODEL}")
         model = DEFAULT_MODEL
-    return load_pretrained(model, device=args.device, dtype=args.dtype, conv_mode=args.conv_mode)
+    model, processor = load_pretrained(model, device=args.device, dtype=args.dtype, conv_mode=args.conv_mode,
+                                       model_base=getattr(args, "model_base", None),
+                                       vision_tower=getattr(args, "vision_tower", None),
+                                       load_8bit=getattr(args, "load_8bit", False),
+                                       load_4bit=getattr(args, "load_4bit", False))
+    if model.quantization is not None:
+        print(f"llava: {model.quantization.saved}", file=sys.stderr)
+    return model, processor
 
 
 def cmd_chat(args) -> int:
@@ -270,6 +283,37 @@ def cmd_webui(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .model.checkpoint import load_pretrained, save_pretrained
+    from .model.original import detect_form
+
+    source = Path(args.source)
+    if (source / "adapter_config.json").exists() and detect_form(source) is None:
+        # our own LoRA adapter (llava train with lora): merged into the llava-hf model it was trained from
+        if not args.merge_lora or not args.model_base:
+            raise LlavaError(f"{source} is a LoRA adapter: pass --merge-lora and --model-base (the model it was "
+                             "trained from)")
+        from .train.lora import merge_adapter
+
+        base, processor = load_pretrained(args.model_base, device="cpu", dtype="float32", conv_mode=args.conv_mode)
+        model = merge_adapter(base, source)
+    else:
+        if detect_form(source) == "lora" and not args.merge_lora:
+            raise LlavaError(f"{source} is a LoRA adapter: pass --merge-lora (with --model-base)")
+        model, processor = load_pretrained(source, device="cpu", dtype="float32", conv_mode=args.conv_mode,
+                                           model_base=args.model_base, vision_tower=args.vision_tower)
+    if args.dtype != "float32":
+        from .core.device import resolve_dtype
+
+        dtype = resolve_dtype(args.dtype, model.device)
+        model = model.to(dtype)
+        model.config.text_config.dtype = model.config.vision_config.dtype = dtype  # recorded as transformers does
+    out = save_pretrained(model, processor, args.output, max_shard_size=args.max_shard_size)
+    print(f"llava convert: wrote {out} ({model.config.model_type}, template {processor.conv_mode}, "
+          f"{args.dtype})", file=sys.stderr)
+    return 0
+
+
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser)
     parser.add_argument("--conv-mode", default=None, help="conversation template (default: the checkpoint's)")
@@ -380,6 +424,22 @@ def build_parser() -> argparse.ArgumentParser:
     webui.add_argument("--port", type=int, default=7860)
     webui.add_argument("--concurrency", type=int, default=16, help="chats generating at once (default 16)")
     webui.set_defaults(func=cmd_webui)
+
+    convert = sub.add_parser("convert", help="write a llava-hf checkpoint from an original LLaVA one (full, "
+                                             "projector-only or LoRA) or merge a LoRA adapter",
+                             description="The form is read from the files: config.json with mm_vision_tower, "
+                                         "mm_projector.bin, adapter_config.json + non_lora_trainables.")
+    convert.add_argument("source", help="checkpoint folder (or hub id)")
+    convert.add_argument("output", help="folder for the llava-hf checkpoint (written atomically)")
+    convert.add_argument("--model-base", default=None, help="the language model (projector-only, LoRA) or, for "
+                                                           "our own adapters, the llava-hf model trained from")
+    convert.add_argument("--vision-tower", default=None, help="use this folder instead of config.json's "
+                                                             "mm_vision_tower (offline)")
+    convert.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into its base")
+    convert.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    convert.add_argument("--max-shard-size", default="5GB", help="split the weights into files of this size")
+    convert.add_argument("--conv-mode", default=None, help="template to record (default: inferred)")
+    convert.set_defaults(func=cmd_convert)
 
     evaluate = sub.add_parser("eval", help="evaluate a model on a benchmark")
     _add_model_args(evaluate)

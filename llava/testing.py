@@ -210,3 +210,73 @@ def serve_in_thread(app):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def build_original_checkpoint(folder: str | Path, form: str = "full", kind: str = "llava", seed: int = 0,
+                              aspect: str = "pad", use_bin: bool = True) -> dict:
+    """A tiny random checkpoint in the original LLaVA layout (form "full", "projector" or "lora"), as
+    the original repository saves it: a Llama with mm_* config fields, `model.mm_projector.0/2`,
+    `model.image_newline` (AnyRes), the vision tower by path, a tokenizer without <image>.
+    Returns {"checkpoint", "vision", "base" (the LLM folder for projector/lora), "parts"} where
+    parts holds the raw tensors (llm, projector, newline, and lora: the merged LLM state)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    vision, lm = build_tiny_parts(folder / "parts", seed=seed)
+    torch.manual_seed(seed + 1)
+    llm = AutoModelForCausalLM.from_pretrained(lm)
+    with torch.no_grad():  # widen the random init so greedy answers are not all one token
+        for name, param in llm.named_parameters():
+            if param.dim() >= 2 and "embed" not in name:
+                param.mul_(3.0)
+    vision_hidden, hidden = 32, llm.config.hidden_size
+    projector = {"model.mm_projector.0.weight": torch.randn(hidden, vision_hidden) * 0.2,
+                 "model.mm_projector.0.bias": torch.randn(hidden) * 0.1,
+                 "model.mm_projector.2.weight": torch.randn(hidden, hidden) * 0.2,
+                 "model.mm_projector.2.bias": torch.randn(hidden) * 0.1}
+    if kind == "llava_next":
+        projector["model.image_newline"] = torch.randn(hidden)
+    config = {**llm.config.to_dict(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+              "mm_vision_tower": str(vision), "mm_hidden_size": vision_hidden, "mm_projector_type": "mlp2x_gelu",
+              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_use_im_start_end": False,
+              "mm_use_im_patch_token": False, "image_aspect_ratio": "anyres" if kind == "llava_next" else aspect,
+              "mm_patch_merge_type": "spatial_unpad" if kind == "llava_next" else "flat",
+              "tokenizer_model_max_length": 512, "tokenizer_padding_side": "right", "use_mm_proj": True}
+    if kind == "llava_next":
+        config["image_grid_pinpoints"] = [[56, 28], [28, 56], [56, 56], [84, 28], [28, 84]]  # (width, height)
+    checkpoint = folder / form
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.contiguous() for k, v in llm.state_dict().items()}
+    result = {"checkpoint": checkpoint, "vision": vision, "base": None, "parts": {"projector": projector}}
+    if form == "full":
+        from transformers import AutoTokenizer
+
+        weights = {**state, **projector}
+        if use_bin:
+            torch.save(weights, checkpoint / "pytorch_model.bin")
+        else:
+            from safetensors.torch import save_file
+            save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+        AutoTokenizer.from_pretrained(lm).save_pretrained(checkpoint)
+        result["parts"]["llm"] = state
+        return result
+    llm.save_pretrained(folder / "base")
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(lm).save_pretrained(folder / "base")
+    result["base"] = folder / "base"
+    if form == "projector":
+        torch.save(projector, checkpoint / "mm_projector.bin")
+        result["parts"]["llm"] = state
+        return result
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(llm, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"]))
+    peft_model.save_pretrained(str(checkpoint))
+    torch.save({f"base_model.model.{k}": v for k, v in projector.items()}, checkpoint / "non_lora_trainables.bin")
+    result["parts"]["llm"] = {k: v.contiguous() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    return result

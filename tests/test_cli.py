@@ -6,7 +6,6 @@ import sys
 import zlib
 
 import pytest
-import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from llava.cli import main

@@ -2,13 +2,11 @@
 the bundled tiny CLIP trained on the shapes world."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from llava.cli import main
 from llava.clip.classify import classify, shape_accuracy

@@ -36,6 +36,7 @@ class LlavaProcessor:
         self.image_token = image_token
         self.chat_template = chat_template
         self.conv_mode = conv_mode or (CHAT_TEMPLATE if chat_template else "llava_v1")
+        self.image_wrap: tuple[str, str] | None = None  # (<im_start>, <im_end>) for mm_use_im_start_end models
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise CheckpointError(f"the tokenizer has no {image_token!r} token")
@@ -60,9 +61,10 @@ class LlavaProcessor:
         if len(pieces) - 1 != len(counts):
             raise LlavaError(f"the text has {len(pieces) - 1} {self.image_token} tokens but "
                              f"{len(counts)} images were given")
+        start, end = self.image_wrap or ("", "")
         out = [pieces[0]]
         for count, piece in zip(counts, pieces[1:]):
-            out.append(self.image_token * count + piece)
+            out.append(start + self.image_token * count + end + piece)
         return "".join(out)
 
     # -- the transformers-style call ------------------------------------------------------------------

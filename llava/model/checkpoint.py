@@ -129,16 +129,35 @@ def build_model(config: LlavaConfig, dtype: torch.dtype = torch.float32, init: b
 
 def load_pretrained(path_or_repo_id: str | Path, device: str | torch.device | None = "auto",
                     dtype: str | torch.dtype | None = "auto", revision: str | None = None,
-                    conv_mode: str | None = None) -> tuple[LlavaForCausalLM, LlavaProcessor]:
-    """(model in eval mode on device, processor) from a llava-hf folder or hub repo id."""
+                    conv_mode: str | None = None, model_base: str | Path | None = None,
+                    vision_tower: str | Path | None = None, load_8bit: bool = False, load_4bit: bool = False,
+                    ) -> tuple[LlavaForCausalLM, LlavaProcessor]:
+    """(model in eval mode on device, processor) from a llava-hf folder or hub repo id, or from an
+    original-layout LLaVA checkpoint (full, projector-only or LoRA; `model_base` for the last two,
+    `vision_tower` to replace its mm_vision_tower id). `load_8bit` / `load_4bit` put the language
+    model's linear layers in k-bit (bitsandbytes); model.quantization says what that saved."""
+    from .original import detect_form, load_original
+
+    if load_8bit and load_4bit:
+        raise CheckpointError("choose one of load_8bit and load_4bit")
     folder = resolve_checkpoint(path_or_repo_id, revision)
-    config = LlavaConfig.from_json_file(folder / "config.json")
-    processor = LlavaProcessor.from_pretrained(folder, config, conv_mode=conv_mode)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    model = build_model(config, dtype, init=False)
-    load_state_dict_into(model, read_state_dict(folder), str(folder))
-    return model.to(device=device, dtype=dtype).eval(), processor
+    if detect_form(folder) is not None:
+        base = resolve_checkpoint(model_base, revision) if model_base is not None else None
+        model, processor = load_original(folder, base, vision_tower, dtype=dtype, conv_mode=conv_mode)
+    else:
+        config = LlavaConfig.from_json_file(folder / "config.json")
+        processor = LlavaProcessor.from_pretrained(folder, config, conv_mode=conv_mode)
+        model = build_model(config, dtype, init=False)
+        load_state_dict_into(model, read_state_dict(folder), str(folder))
+    model = model.to(device=device, dtype=dtype).eval()
+    model.quantization = None
+    if load_8bit or load_4bit:
+        from .quantize import quantize_language_model
+
+        model.quantization = quantize_language_model(model, 8 if load_8bit else 4, compute_dtype=dtype)
+    return model, processor
 
 
 def save_pretrained(model: LlavaForCausalLM, processor: LlavaProcessor | None, folder: str | Path,

@@ -22,7 +22,7 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!:
 def train_tokenizer(texts: list[str], vocab_size: int = 1024, eos: bool = False):
     """A Llama-style tokenizer (metaspace BPE, <s> prepended) trained on `texts`; with `eos`, </s> is
     also appended (what CLIP's text encoder pools at)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

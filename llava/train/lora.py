@@ -39,25 +39,12 @@ def lora_targets(model: nn.Module, targets: list | str = "all-linear") -> list[s
 def quantize_language_model(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> int:
     """Replace the language model's linear layers (not lm_head) with bitsandbytes NF4 Linear4bit, in place.
     Returns how many layers were quantized."""
+    from ..model.quantize import quantize_linears
+
     try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise TrainConfigError("qlora needs bitsandbytes: pip install bitsandbytes") from None
-    device = next(model.parameters()).device
-    count = 0
-    for name in lora_targets(model):
-        parent_name, child = name.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                      compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
-        quantized.weight = bnb.nn.Params4bit(linear.weight.data.float().contiguous(), requires_grad=False,
-                                             quant_type="nf4", compress_statistics=True)
-        if linear.bias is not None:
-            quantized.bias = nn.Parameter(linear.bias.data.float(), requires_grad=False)
-        setattr(parent, child, quantized.to(device))
-        count += 1
-    return count
+        return quantize_linears(model, lora_targets(model), 4, compute_dtype).layers
+    except CheckpointError as e:
+        raise TrainConfigError(f"qlora: {e}") from None
 
 
 def lora_config(config, model: nn.Module):
