@@ -32,12 +32,13 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  pixel_values: torch.Tensor | None = None, image_sizes=None, *, params: SamplingParams | None = None,
                  tokenizer=None, eos_token_id=None, pad_token_id: int | None = None,
                  on_text: Callable[[int, str], None] | None = None, streams: list[TextStream] | None = None,
-                 **overrides) -> torch.Tensor:
+                 image_features: list[torch.Tensor] | None = None, **overrides) -> torch.Tensor:
     """Prompt ids (batch, length), left-padded -> (batch, length + new) ids, rows padded after they end.
 
     Sampling settings come from `params` or keyword overrides in transformers' spelling
     (max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, seed, stop_strings).
     `on_text(row, delta)` receives each row's answer text as it is produced (needs `tokenizer`).
+    `image_features` (one tensor per image, in order) may replace pixel_values.
     """
     params = _params_from(params, overrides)
     if params.stop and tokenizer is None and streams is None:
@@ -61,7 +62,8 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                image_sizes=image_sizes, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+                image_sizes=image_sizes, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                image_features=image_features)
     cache = out.past_key_values
     sequences = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
