@@ -302,6 +302,14 @@ def cmd_convert(args) -> int:
             raise LlavaError(f"{source} is a LoRA adapter: pass --merge-lora (with --model-base)")
         model, processor = load_pretrained(source, device="cpu", dtype="float32", conv_mode=args.conv_mode,
                                            model_base=args.model_base, vision_tower=args.vision_tower)
+    if args.format == "gguf":
+        from .model.export_gguf import export_gguf
+
+        text, mmproj = export_gguf(model, processor, args.output, outtype="f32" if args.dtype == "float32" else "f16",
+                                   name=Path(args.source).name)
+        print(f"llava convert: wrote {text} and {mmproj} (for llama.cpp: llama-mtmd-cli -m {text.name} "
+              f"--mmproj {mmproj.name})", file=sys.stderr)
+        return 0
     if args.dtype != "float32":
         from .core.device import resolve_dtype
 
@@ -436,7 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--vision-tower", default=None, help="use this folder instead of config.json's "
                                                              "mm_vision_tower (offline)")
     convert.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into its base")
-    convert.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    convert.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                         help="weights' type (gguf: float16 -> f16, float32 -> f32)")
+    convert.add_argument("--format", default="llava-hf", choices=("llava-hf", "gguf"),
+                         help="gguf: llava-model.gguf + mmproj-model.gguf for llama.cpp / Ollama")
     convert.add_argument("--max-shard-size", default="5GB", help="split the weights into files of this size")
     convert.add_argument("--conv-mode", default=None, help="template to record (default: inferred)")
     convert.set_defaults(func=cmd_convert)

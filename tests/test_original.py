@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration,
@@ -180,3 +181,49 @@ def test_k_bit_loading_answers_with_less_memory(built, photos, bits):
     assert similarity > (0.99 if bits == 8 else 0.9), similarity
     answer = small.generate(**inputs, max_new_tokens=5, tokenizer=processor.tokenizer)
     assert answer.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_gguf_export_has_llama_cpp_names_and_shapes(built, tmp_path, kind):
+    from gguf import GGUFReader
+
+    from llava.model.export_gguf import permute_rotary
+
+    parts = built(kind, "full")
+    result = subprocess.run([sys.executable, "-m", "llava", "convert", str(parts["checkpoint"]), str(tmp_path),
+                             "--format", "gguf", "--dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    model, processor = llava.load_pretrained(parts["checkpoint"], device="cpu")
+    text = GGUFReader(str(tmp_path / "llava-model.gguf"))
+    tensors = {t.name: t for t in text.tensors}
+    config = model.config.text_config
+    assert len(tensors) == 2 + 9 * config.num_hidden_layers + 1
+    assert {"token_embd.weight", "output_norm.weight", "output.weight", "blk.0.attn_q.weight",
+            "blk.1.ffn_down.weight"} <= set(tensors)
+    assert tuple(tensors["token_embd.weight"].shape) == (config.hidden_size, config.vocab_size)  # GGUF: ne order
+    q = model.language_model.model.layers[0].self_attn.q_proj.weight.detach()
+    stored = tensors["blk.0.attn_q.weight"].data.reshape(q.shape)
+    assert np.allclose(stored, permute_rotary(q, config.num_attention_heads).numpy())
+
+    def field(reader, key):
+        part = reader.fields[key]
+        if part.types == [part.types[0]] and part.types[0].name == "STRING":
+            return bytes(part.parts[part.data[0]]).decode()
+        return [part.parts[i].tolist()[0] for i in part.data]
+
+    assert field(text, "general.architecture") == "llama"
+    assert len(text.fields["tokenizer.ggml.tokens"].data) == config.vocab_size
+    mmproj = GGUFReader(str(tmp_path / "mmproj-model.gguf"))
+    names = {t.name: t for t in mmproj.tensors}
+    vision = model.config.vision_config
+    kept = vision.num_hidden_layers - 1  # the features come from the second-to-last layer
+    assert field(mmproj, "general.architecture") == "clip" and field(mmproj, "clip.projector_type") == "mlp"
+    assert field(mmproj, "clip.vision.block_count") == [kept]
+    assert {f"v.blk.{kept - 1}.attn_q.weight", "v.patch_embd.weight", "v.class_embd", "v.position_embd.weight",
+            "v.pre_ln.weight", "mm.0.weight", "mm.2.bias"} <= set(names)
+    assert f"v.blk.{kept}.attn_q.weight" not in names and "v.post_ln.weight" not in names
+    assert tuple(names["mm.0.weight"].shape) == (vision.hidden_size, config.hidden_size)
+    assert ("model.image_newline" in names) == (kind == "llava_next")
+    if kind == "llava_next":
+        assert field(mmproj, "clip.vision.mm_patch_merge_type") == "spatial_unpad"
+        assert field(mmproj, "clip.vision.image_grid_pinpoints")[:4] == [56, 28, 28, 56]  # (width, height) pairs

@@ -126,7 +126,7 @@ def load_original(folder: str | Path, model_base: str | Path | None = None, visi
     source = Path(model_base) if form != "full" else folder
     text_config = _text_config(config, source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(str(source), config=text_config)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{source}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
     if form == "full":
