@@ -26,10 +26,9 @@ from ..core.config import LlavaConfig
 from ..core.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from ..core.errors import CheckpointError
 from ..data import anyres
-from ..data.image_processor import ImageProcessor
-from ..data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..data.processor import LlavaProcessor
 from .llava import LlavaForCausalLM
+from .vision import image_processor_for
 
 # architectures of the original repository -> transformers model_type of the language model
 TEXT_TYPES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral",
@@ -279,7 +278,7 @@ def _compose(config: dict, tokenizer, language_model, tower, vision_config, extr
                               "supported (only spatial_unpad, LLaVA-1.6's and llava-hf's)")
     if aspect not in ("pad", "square", "anyres") and not anyres_mode:
         raise CheckpointError(f"config.json: image_aspect_ratio {aspect!r} is not pad, square or anyres")
-    image_processor = _image_processor(str(vision_override or config["mm_vision_tower"]), vision_config)
+    image_processor = image_processor_for(str(vision_override or config["mm_vision_tower"]), vision_config)
     image_processor.pad_to_square = aspect == "pad"
     pinpoints = None
     if anyres_mode:
@@ -337,21 +336,3 @@ def _load_multimodal(model: LlavaForCausalLM, extra: dict) -> None:
             raise CheckpointError(f"{key}: shape {tuple(value.shape)} does not fit the config "
                                   f"({tuple(own[key].shape) if key in own else 'no such weight'})")
     model.load_state_dict(found, strict=False)
-
-
-def _image_processor(vision_name: str, vision_config) -> ImageProcessor:
-    """The vision tower's preprocessor_config.json (CLIPImageProcessor), as the original's tower uses it."""
-    from transformers.utils import cached_file
-
-    path = cached_file(vision_name, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
-    if path:
-        data = json.loads(Path(path).read_text())
-        data["image_processor_type"] = "CLIPImageProcessor"
-        data.pop("image_grid_pinpoints", None)
-        data.setdefault("do_center_crop", "crop_size" in data)
-        return ImageProcessor.from_dict(data)
-    side = int(vision_config.image_size)
-    clip = "clip" in vision_config.model_type
-    return ImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-                          image_mean=OPENAI_CLIP_MEAN if clip else (0.5, 0.5, 0.5),
-                          image_std=OPENAI_CLIP_STD if clip else (0.5, 0.5, 0.5))

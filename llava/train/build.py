@@ -10,7 +10,6 @@ Stage pretrain trains the projector (and AnyRes' image_newline); finetune adds t
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -23,10 +22,10 @@ from ..core.device import resolve_dtype
 from ..core.errors import CheckpointError, TrainConfigError
 from ..data import anyres
 from ..data.image_processor import ImageProcessor
-from ..data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..data.processor import LlavaProcessor
 from ..model.checkpoint import load_pretrained, read_state_dict
 from ..model.llava import LlavaForCausalLM
+from ..model.vision import image_processor_for
 from .config import TrainConfig
 
 IMAGE_SIDE = ("multi_modal_projector", "image_newline")
@@ -126,23 +125,8 @@ def _projector_act(projector_type: str) -> str:
 
 
 def _image_processor_for(config: TrainConfig, vision_config) -> ImageProcessor:
-    """The vision model's own preprocessor_config.json (CLIPImageProcessor / SiglipImageProcessor) with
-    LLaVA's aspect mode; without one, resize + crop to the tower's image size with its mean/std."""
-    from transformers.utils import cached_file
-
-    path = cached_file(config.vision_tower, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
-    if path:
-        data = json.loads(Path(path).read_text())
-        data.pop("image_grid_pinpoints", None)
-        data["image_processor_type"] = "CLIPImageProcessor"
-        data.setdefault("do_center_crop", "crop_size" in data)  # SigLIP resizes to a square, no crop
-        processor = ImageProcessor.from_dict(data)
-    else:
-        side = int(vision_config.image_size)
-        clip = "clip" in vision_config.model_type
-        processor = ImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-                                   image_mean=OPENAI_CLIP_MEAN if clip else (0.5, 0.5, 0.5),
-                                   image_std=OPENAI_CLIP_STD if clip else (0.5, 0.5, 0.5))
+    """The vision model's own image processor with LLaVA's aspect mode."""
+    processor = image_processor_for(config.vision_tower, vision_config)
     processor.pad_to_square = config.image_aspect_ratio == "pad"
     return processor
 
