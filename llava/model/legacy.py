@@ -134,7 +134,7 @@ class LlavaLlamaForCausalLM(LlavaForCausalLM):
         from ..mm_utils import KeywordsStoppingCriteria
 
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids")
-        kwargs.pop("attention_mask", None)
+        attention_mask = kwargs.pop("attention_mask", None)
         streamer = kwargs.pop("streamer", None)
         stop = [k for c in kwargs.pop("stopping_criteria", None) or [] if isinstance(c, KeywordsStoppingCriteria)
                 for k in c.keywords]
@@ -146,10 +146,13 @@ class LlavaLlamaForCausalLM(LlavaForCausalLM):
         params = _params_from(None, kwargs)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        prompts = input_ids.tolist()
+        if attention_mask is not None:  # a padded batch: keep each row's real tokens only
+            prompts = [[t for t, keep in zip(row, mask) if keep] for row, mask in zip(prompts, attention_mask.tolist())]
         features = self._image_features(images, image_sizes) if images is not None else []
         tokenizer = self.processor.tokenizer
         rows, used = [], 0
-        for row in input_ids.tolist():
+        for row in prompts:
             expanded = []
             for token in row:
                 if token == IMAGE_TOKEN_INDEX:

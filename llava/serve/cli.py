@@ -39,7 +39,14 @@ def main(args) -> int:
             print("exit...")
             return 0
         print(f"{roles[1]}: ", end="", flush=True)
-        session.ask(inp, image, on_text=lambda delta: print(delta, end="", flush=True))
+        started = [False]
+
+        def show(delta: str) -> None:
+            if not started[0]:
+                delta, started[0] = delta.lstrip(), bool(delta.strip())
+            print(delta, end="", flush=True)
+
+        session.ask(inp, image, on_text=show)
         image = None  # the image goes with the first turn
         print(flush=True)
         if args.debug:
