@@ -227,3 +227,25 @@ def test_gguf_export_has_llama_cpp_names_and_shapes(built, tmp_path, kind):
     if kind == "llava_next":
         assert field(mmproj, "clip.vision.mm_patch_merge_type") == "spatial_unpad"
         assert field(mmproj, "clip.vision.image_grid_pinpoints")[:4] == [56, 28, 28, 56]  # (width, height) pairs
+
+
+def test_llama_cpp_answers_like_our_model_when_it_is_installed(built, tmp_path):
+    """Runs where llama-cpp-python is installed (it builds llama.cpp from source: not part of make install)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    parts = built("llava", "full")
+    result = subprocess.run([sys.executable, "-m", "llava", "convert", str(parts["checkpoint"]), str(tmp_path),
+                             "--format", "gguf", "--dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    model, processor = llava.load_pretrained(parts["checkpoint"], device="cpu")
+    prompt = "USER: What is in the image? ASSISTANT:"
+    ids = processor.tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        ours = model.generate(torch.tensor([ids]), max_new_tokens=12, tokenizer=processor.tokenizer, ignore_eos=True)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "llava-model.gguf"), n_ctx=256, verbose=False)
+    assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == ids
+    theirs = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        theirs.append(token)
+        if len(theirs) == 12:
+            break
+    assert theirs == ours[0, len(ids):].tolist()
