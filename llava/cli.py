@@ -155,6 +155,14 @@ def cmd_eval(args) -> int:
 
     from .eval.shapes import evaluate_shapes
 
+    if args.action == "score":
+        from .eval.score import score
+
+        if not args.predictions:
+            raise LlavaError("llava eval score needs --predictions FILE")
+        metrics = score(args.benchmark, args.predictions, args.data, args.output)
+        print(json.dumps(metrics) if args.json else json.dumps(metrics, indent=2))
+        return 0
     if args.benchmark != "shapes":
         raise LlavaError(f"unknown benchmark {args.benchmark!r}; available: shapes")
     args.conv_mode = None
@@ -452,9 +460,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--conv-mode", default=None, help="template to record (default: inferred)")
     convert.set_defaults(func=cmd_convert)
 
-    evaluate = sub.add_parser("eval", help="evaluate a model on a benchmark")
+    evaluate = sub.add_parser("eval", help="evaluate a model on a benchmark, or score a predictions file",
+                              description="llava eval --benchmark shapes --data DIR: answer and score. "
+                                          "llava eval score --benchmark NAME --predictions FILE --data DIR: score "
+                                          "LLaVA answers JSONL against the benchmark's own files (vqav2, textvqa, "
+                                          "vizwiz, gqa, scienceqa, pope, mme, mmbench, seed).")
+    evaluate.add_argument("action", nargs="?", choices=("run", "score"), default="run")
     _add_model_args(evaluate)
-    evaluate.add_argument("--benchmark", required=True, help="shapes")
+    evaluate.add_argument("--benchmark", required=True, help="shapes (run); vqav2, textvqa, vizwiz, gqa, scienceqa, "
+                                                            "pope, mme, mmbench, seed (score)")
+    evaluate.add_argument("--predictions", default=None, help="answers JSONL to score (llava eval score)")
     evaluate.add_argument("--data", required=True, help="benchmark data folder (shapes: the `llava synth` output)")
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--limit", type=int, default=None, help="first N questions of each file")

@@ -1,0 +1,167 @@
+"""`llava eval score`: score a predictions file (LLaVA's answers JSONL: one {"question_id", "text", ...}
+per line) against a benchmark's ground truth in its published format. The data folder holds:
+
+    vqav2       v2_mscoco_val2014_annotations.json (official); without it, a test-dev submission file is written
+    textvqa     TextVQA_0.5.1_val.json
+    vizwiz      val.json (official annotations; question ids are image names); without it, a test submission
+    gqa         testdev_balanced_questions.json
+    scienceqa   problems.json and pid_splits.json (the test split is scored)
+    pope        coco_pope_random.json, coco_pope_popular.json, coco_pope_adversarial.json ("label" per question)
+    mme         llava_mme.jsonl with each question's "answer" (Yes / No) and "category"; predictions carry the
+                question_id of that file
+    mmbench     the MMBench TSV (mmbench_dev_*.tsv: index, question, A-D, answer, category); predictions carry
+                "round_id" for the circular rotations
+    seed        SEED-Bench.json (questions with question_type_id and answer; question_type names)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from ..core.errors import DataError
+from ..core.io import atomic_write_text
+from .choice import LETTERS, mmbench_circular, seed_accuracy
+from .mme import mme_scores
+from .pope import pope_metrics
+from .scienceqa import scienceqa_accuracy
+from .vqa import gqa_accuracy, normalize_answer, vqa_accuracy
+
+BENCHMARKS = ("vqav2", "textvqa", "vizwiz", "gqa", "scienceqa", "pope", "mme", "mmbench", "seed")
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    """Answers JSONL; a torn last line (a killed run) is ignored, any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such predictions file")
+    rows = []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise DataError(f"{path}:{number}: not valid JSON") from None
+        if "question_id" not in row or "text" not in row:
+            raise DataError(f"{path}:{number}: a prediction needs question_id and text")
+        rows.append(row)
+    return rows
+
+
+def _json(folder: Path, name: str):
+    path = folder / name
+    if not path.exists():
+        raise DataError(f"{path}: not found (see `llava eval score --help` for the data layout)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def score(benchmark: str, predictions_path: str | Path, data: str | Path, output: str | Path | None = None) -> dict:
+    """The benchmark's metrics for a predictions file (or, for test splits, the submission file written)."""
+    if benchmark not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {benchmark!r}; scorable: {', '.join(BENCHMARKS)}")
+    data = Path(data)
+    rows = read_predictions(predictions_path)
+    text = {row["question_id"]: row["text"] for row in rows}
+    output = Path(output) if output else Path(predictions_path).parent
+    if benchmark == "vqav2":
+        if not (data / "v2_mscoco_val2014_annotations.json").exists():
+            return _submission(output / "vqav2_submission.json",
+                               [{"question_id": q, "answer": normalize_answer(t)} for q, t in text.items()])
+        annotations = _json(data, "v2_mscoco_val2014_annotations.json")["annotations"]
+        answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in annotations}
+        return vqa_accuracy(text, answers)
+    if benchmark == "textvqa":
+        entries = _json(data, "TextVQA_0.5.1_val.json")["data"]
+        return vqa_accuracy(text, {e["question_id"]: e["answers"] for e in entries})
+    if benchmark == "vizwiz":
+        if not (data / "val.json").exists():
+            return _submission(output / "vizwiz_submission.json",
+                               [{"image": q, "answer": normalize_answer(t)} for q, t in text.items()])
+        entries = _json(data, "val.json")
+        return vqa_accuracy(text, {e["image"]: [a["answer"] for a in e["answers"]] for e in entries})
+    if benchmark == "gqa":
+        questions = _json(data, "testdev_balanced_questions.json")
+        return gqa_accuracy({str(q): t for q, t in text.items()}, {q: v["answer"] for q, v in questions.items()})
+    if benchmark == "scienceqa":
+        problems = _json(data, "problems.json")
+        split = _json(data, "pid_splits.json")["test"]
+        return scienceqa_accuracy({str(q): t for q, t in text.items()}, {pid: problems[pid] for pid in split})
+    if benchmark == "pope":
+        return _pope(text, data)
+    if benchmark == "mme":
+        questions = {q["question_id"]: q for q in _jsonl(data / "llava_mme.jsonl")}
+        missing = sorted(set(text) - set(questions), key=str)
+        if missing:
+            raise DataError(f"{len(missing)} predictions are not in llava_mme.jsonl (e.g. {missing[0]!r})")
+        return mme_scores([{"category": questions[q]["category"], "image": questions[q]["image"],
+                            "prediction": t, "answer": questions[q]["answer"]} for q, t in text.items()])
+    if benchmark == "mmbench":
+        return _mmbench(rows, data)
+    return _seed(text, data)
+
+
+def _submission(path: Path, entries: list) -> dict:
+    atomic_write_text(path, json.dumps(entries))
+    return {"submission": str(path), "n": len(entries)}
+
+
+def _pope(text: dict, data: Path) -> dict:
+    result = {}
+    for split in ("random", "popular", "adversarial"):
+        path = data / f"coco_pope_{split}.json"
+        if not path.exists():
+            continue
+        labels = {q["question_id"]: q["label"] for q in _jsonl(path)}
+        answered = [q for q in labels if q in text]
+        if answered:
+            result[split] = pope_metrics([text[q] for q in answered], [labels[q] for q in answered])
+    if not result:
+        raise DataError(f"{data}: no coco_pope_*.json file has a question of these predictions")
+    result["f1_mean"] = sum(m["f1"] for m in result.values()) / len(result)
+    return result
+
+
+def _mmbench(rows: list[dict], data: Path) -> dict:
+    tables = sorted(data.glob("mmbench*.tsv"))
+    if not tables:
+        raise DataError(f"{data}: no mmbench*.tsv")
+    with open(tables[0], newline="") as f:
+        questions = {int(r["index"]): r for r in csv.DictReader(f, delimiter="\t")}
+    scored = []
+    for row in rows:
+        question = questions.get(int(row["question_id"]))
+        if question is None:
+            raise DataError(f"{tables[0]}: no question with index {row['question_id']}")
+        options = [question[c] for c in LETTERS[:4] if question.get(c) not in (None, "", "nan")]
+        scored.append({"index": int(row["question_id"]), "round": int(row.get("round_id", 0)),
+                       "prediction": row["text"], "options": options, "answer": question["answer"],
+                       "category": question.get("category", "all")})
+    return mmbench_circular(scored)
+
+
+def _seed(text: dict, data: Path) -> dict:
+    seed = _json(data, "SEED-Bench.json")
+    questions = {str(q["question_id"]): q for q in seed["questions"]}
+    rows = []
+    for qid, prediction in text.items():
+        question = questions.get(str(qid))
+        if question is None:
+            raise DataError(f"SEED-Bench.json: no question {qid!r}")
+        options = [question.get(f"choice_{c.lower()}", "") for c in "ABCD"]
+        rows.append({"question_type_id": question["question_type_id"], "prediction": prediction,
+                     "answer": question["answer"], "options": options})
+    return seed_accuracy(rows, seed.get("question_type"))
