@@ -164,7 +164,7 @@ def cmd_eval(args) -> int:
         print(json.dumps(metrics) if args.json else json.dumps(metrics, indent=2))
         return 0
     if args.benchmark != "shapes":
-        raise LlavaError(f"unknown benchmark {args.benchmark!r}; available: shapes")
+        return _eval_benchmark(args)
     args.conv_mode = None
     model, processor = _load(args)
     metrics = evaluate_shapes(model, processor, args.data, split=args.split, limit=args.limit,
@@ -178,6 +178,38 @@ def cmd_eval(args) -> int:
         for name, m in metrics["pope"].items():
             print(f"POPE {name}: accuracy {m['accuracy']:.1%}, precision {m['precision']:.3f}, recall "
                   f"{m['recall']:.3f}, F1 {m['f1']:.3f}, yes-ratio {m['yes_ratio']:.1%} (n={m['n']})")
+    return 0
+
+
+def _eval_benchmark(args) -> int:
+    """A published benchmark: answer (resumably, optionally one chunk of N), then score."""
+    import json
+
+    from .core.io import atomic_write_text
+    from .eval.run import merge_chunks, run_benchmark
+    from .eval.score import score
+
+    output = Path(args.output or f"runs/eval/{args.benchmark}")
+    if args.action == "merge":
+        answers = merge_chunks(output, args.num_chunks)
+    else:
+        args.conv_mode = None
+        model, processor = _load(args)
+        answers = run_benchmark(model, processor, args.benchmark, args.data, output, image_folder=args.image_folder,
+                                limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                num_chunks=args.num_chunks, chunk_idx=args.chunk_idx, progress=not args.json,
+                                model_id=Path(args.model or "demo").name)
+        if args.num_chunks > 1:
+            print(f"llava eval: chunk {args.chunk_idx} of {args.num_chunks} in {answers}; when all are done: "
+                  f"llava eval merge --benchmark {args.benchmark} --num-chunks {args.num_chunks} --output {output} "
+                  f"--data {args.data}", file=sys.stderr)
+            return 0
+    try:
+        metrics = score(args.benchmark, answers, args.data, output)
+    except LlavaError as e:
+        raise LlavaError(f"answers are in {answers}, but they cannot be scored: {e}") from None
+    atomic_write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics) if args.json else f"{args.benchmark}: {json.dumps(metrics)}")
     return 0
 
 
@@ -465,11 +497,17 @@ def build_parser() -> argparse.ArgumentParser:
                                           "llava eval score --benchmark NAME --predictions FILE --data DIR: score "
                                           "LLaVA answers JSONL against the benchmark's own files (vqav2, textvqa, "
                                           "vizwiz, gqa, scienceqa, pope, mme, mmbench, seed).")
-    evaluate.add_argument("action", nargs="?", choices=("run", "score"), default="run")
+    evaluate.add_argument("action", nargs="?", choices=("run", "score", "merge"), default="run",
+                          help="run (default): answer and score; score: score --predictions; merge: join chunks")
     _add_model_args(evaluate)
     evaluate.add_argument("--benchmark", required=True, help="shapes (run); vqav2, textvqa, vizwiz, gqa, scienceqa, "
                                                             "pope, mme, mmbench, seed (score)")
     evaluate.add_argument("--predictions", default=None, help="answers JSONL to score (llava eval score)")
+    evaluate.add_argument("--image-folder", default=None, help="where the question files' images are "
+                                                               "(default: DATA/images)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=128)
+    evaluate.add_argument("--num-chunks", type=int, default=1, help="split the questions over N processes")
+    evaluate.add_argument("--chunk-idx", type=int, default=0, help="which chunk this process answers")
     evaluate.add_argument("--data", required=True, help="benchmark data folder (shapes: the `llava synth` output)")
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--limit", type=int, default=None, help="first N questions of each file")

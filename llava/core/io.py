@@ -58,3 +58,28 @@ def atomic_dir(target: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a JSONL output file that is appended to as work is done; a torn last line (a killed
+    write) is cut off the file first, so appending can go on from there."""
+    import json
+
+    from .errors import DataError
+
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+        data = data[:end]
+    rows = []
+    for number, line in enumerate(data.decode().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: line {number} is not valid JSON") from None
+    return rows

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import DataError
-from ..core.io import atomic_write_text
+from ..core.io import atomic_write_text, read_rows
 from .context import Context
 from .parse import RejectedResponse, parse_response, to_record
 from .prompts import KINDS
@@ -34,25 +34,6 @@ class RunSummary:
     rejected: Counter = field(default_factory=Counter)  # given up this run, per reason
     failed: int = 0                                     # teacher unavailable: left for the next run
     errors: list[str] = field(default_factory=list)
-
-
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a JSONL output file; a torn last line (a killed write) is cut off the file first."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-        data = data[:end]
-    rows = []
-    for number, line in enumerate(data.decode().splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise DataError(f"{path}: line {number} is not valid JSON") from None
-    return rows
 
 
 class _Writer:
