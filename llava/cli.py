@@ -155,12 +155,22 @@ def cmd_eval(args) -> int:
 
     from .eval.shapes import evaluate_shapes
 
+    if args.action != "summary" and (not args.benchmark or not args.data):
+        raise LlavaError(f"llava eval {args.action} needs --benchmark and --data")
+    if args.action == "summary":
+        from .eval.summary import collect, write_summary
+
+        roots = args.runs or ["runs/eval"]
+        table = collect(roots)
+        files = write_summary(table, args.output or roots[0])
+        print(json.dumps(table) if args.json else files["md"].read_text(), end="" if not args.json else "\n")
+        return 0
     if args.action == "score":
         from .eval.score import score
 
         if not args.predictions:
             raise LlavaError("llava eval score needs --predictions FILE")
-        metrics = score(args.benchmark, args.predictions, args.data, args.output)
+        metrics = score(args.benchmark, args.predictions, args.data, args.output, judge=_judge(args))
         print(json.dumps(metrics) if args.json else json.dumps(metrics, indent=2))
         return 0
     if args.benchmark != "shapes":
@@ -181,6 +191,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _judge(args):
+    """The GPT judge (any OpenAI-compatible endpoint) when --judge-model or $LLAVA_JUDGE_MODEL names one."""
+    import os
+
+    model = args.judge_model or os.environ.get("LLAVA_JUDGE_MODEL")
+    if not model:
+        return None
+    from .datagen.teachers import OpenAITeacher
+
+    return OpenAITeacher(base_url=args.judge_base_url, model=model, api_key=args.judge_api_key, temperature=0.2,
+                         max_tokens=1024, max_retries=args.judge_retries)
+
+
 def _eval_benchmark(args) -> int:
     """A published benchmark: answer (resumably, optionally one chunk of N), then score."""
     import json
@@ -189,7 +212,7 @@ def _eval_benchmark(args) -> int:
     from .eval.run import merge_chunks, run_benchmark
     from .eval.score import score
 
-    output = Path(args.output or f"runs/eval/{args.benchmark}")
+    output = Path(args.output or f"runs/eval/{Path(args.model or 'demo').name}/{args.benchmark}")
     if args.action == "merge":
         answers = merge_chunks(output, args.num_chunks)
     else:
@@ -205,7 +228,7 @@ def _eval_benchmark(args) -> int:
                   f"--data {args.data}", file=sys.stderr)
             return 0
     try:
-        metrics = score(args.benchmark, answers, args.data, output)
+        metrics = score(args.benchmark, answers, args.data, output, judge=_judge(args))
     except LlavaError as e:
         raise LlavaError(f"answers are in {answers}, but they cannot be scored: {e}") from None
     atomic_write_text(output / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -497,18 +520,26 @@ def build_parser() -> argparse.ArgumentParser:
                                           "llava eval score --benchmark NAME --predictions FILE --data DIR: score "
                                           "LLaVA answers JSONL against the benchmark's own files (vqav2, textvqa, "
                                           "vizwiz, gqa, scienceqa, pope, mme, mmbench, seed).")
-    evaluate.add_argument("action", nargs="?", choices=("run", "score", "merge"), default="run",
-                          help="run (default): answer and score; score: score --predictions; merge: join chunks")
+    evaluate.add_argument("action", nargs="?", choices=("run", "score", "merge", "summary"), default="run",
+                          help="run (default): answer and score; score: score --predictions; merge: join chunks; "
+                               "summary: table + chart of runs/eval/MODEL/BENCHMARK/metrics.json")
     _add_model_args(evaluate)
-    evaluate.add_argument("--benchmark", required=True, help="shapes (run); vqav2, textvqa, vizwiz, gqa, scienceqa, "
-                                                            "pope, mme, mmbench, seed (score)")
+    evaluate.add_argument("--benchmark", default=None, help="shapes, vqav2, textvqa, vizwiz, gqa, scienceqa, pope, "
+                                                           "mme, mmbench, seed, llava_bench, mmvet")
+    evaluate.add_argument("--runs", nargs="*", default=None, help="summary: folders of MODEL/BENCHMARK/metrics.json "
+                                                                  "(default runs/eval)")
     evaluate.add_argument("--predictions", default=None, help="answers JSONL to score (llava eval score)")
     evaluate.add_argument("--image-folder", default=None, help="where the question files' images are "
                                                                "(default: DATA/images)")
     evaluate.add_argument("--max-new-tokens", type=int, default=128)
+    evaluate.add_argument("--judge-model", default=None, help="judge for llava_bench / mmvet (default: "
+                                                             "$LLAVA_JUDGE_MODEL)")
+    evaluate.add_argument("--judge-base-url", default=None, help="judge endpoint (default: $OPENAI_BASE_URL)")
+    evaluate.add_argument("--judge-api-key", default=None, help="default: $OPENAI_API_KEY")
+    evaluate.add_argument("--judge-retries", type=int, default=5, help="retries of a failed judge request")
     evaluate.add_argument("--num-chunks", type=int, default=1, help="split the questions over N processes")
     evaluate.add_argument("--chunk-idx", type=int, default=0, help="which chunk this process answers")
-    evaluate.add_argument("--data", required=True, help="benchmark data folder (shapes: the `llava synth` output)")
+    evaluate.add_argument("--data", default=None, help="benchmark data folder (shapes: the `llava synth` output)")
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--limit", type=int, default=None, help="first N questions of each file")
     evaluate.add_argument("--batch-size", type=int, default=32)

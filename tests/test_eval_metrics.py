@@ -158,3 +158,21 @@ def test_test_splits_become_submission_files_and_bad_input_is_one_line(tmp_path)
                           str(preds), "--data", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "testdev_balanced_questions.json: not found" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_summary_table_json_and_chart_across_models(tmp_path):
+    runs = tmp_path / "runs"
+    for model, f1, acc in (("tiny-a", 0.5, 0.25), ("tiny-b", 0.75, 0.5)):
+        for benchmark, metrics in (("pope", {"f1_mean": f1}), ("gqa", {"accuracy": acc, "n": 4})):
+            (runs / model / benchmark).mkdir(parents=True)
+            (runs / model / benchmark / "metrics.json").write_text(json.dumps(metrics))
+    (runs / "tiny-b" / "mme").mkdir()
+    (runs / "tiny-b" / "mme" / "metrics.json").write_text(json.dumps({"perception": 1200.5, "cognition": 300}))
+    result = subprocess.run([sys.executable, "-m", "llava", "eval", "summary", "--runs", str(runs), "--output",
+                             str(tmp_path / "report"), "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    table = json.loads(result.stdout)
+    assert table == {"tiny-a": {"gqa": 25.0, "pope": 50.0}, "tiny-b": {"gqa": 50.0, "mme": 1200.5, "pope": 75.0}}
+    markdown = (tmp_path / "report" / "summary.md").read_text().splitlines()
+    assert markdown[0] == "| model | gqa | mme | pope |" and markdown[2] == "| tiny-a | 25.0 | – | 50.0 |"
+    assert (tmp_path / "report" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

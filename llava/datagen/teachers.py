@@ -48,6 +48,10 @@ class OpenAITeacher:
                 self.stats[key] += amount
 
     def respond(self, kind: str, context: Context) -> str:
+        return self.complete(messages(kind, context))
+
+    def complete(self, chat: list[dict], temperature: float | None = None) -> str:
+        """The reply to OpenAI-style messages, with the retries described above."""
         import openai
 
         retryable = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
@@ -55,9 +59,9 @@ class OpenAITeacher:
         for attempt in range(self.max_retries + 1):
             self._count(requests=1)
             try:
-                reply = self.client.chat.completions.create(model=self.model, messages=messages(kind, context),
-                                                            temperature=self.temperature,
-                                                            max_tokens=self.max_tokens)
+                reply = self.client.chat.completions.create(
+                    model=self.model, messages=chat, max_tokens=self.max_tokens,
+                    temperature=self.temperature if temperature is None else temperature)
             except retryable as e:
                 if attempt == self.max_retries:
                     raise TeacherUnavailable(f"teacher at {self.client.base_url} failed {attempt + 1} times: "

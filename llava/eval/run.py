@@ -9,6 +9,7 @@ question, fsynced), so a rerun skips what is done; then the benchmark's metric i
     vizwiz     llava_test.jsonl                 mme        llava_mme.jsonl
     scienceqa  llava_test_CQM-A.json            seed       llava-seed-bench.jsonl
     mmbench    mmbench_*.tsv (images inside, base64; every rotation of the options is asked)
+    llava_bench questions.jsonl                 mmvet      llava-mm-vet.jsonl   (GPT-judged; --max-new-tokens 1024)
 Images are looked up under DIR/images (or --image-folder).
 """
 
@@ -31,7 +32,8 @@ from ..generate.sampling import SamplingParams
 QUESTION_FILES = {"vqav2": "llava_vqav2_mscoco_*.jsonl", "textvqa": "llava_textvqa_val_v051_ocr.jsonl",
                   "vizwiz": "llava_test.jsonl", "gqa": "llava_gqa_testdev_balanced.jsonl",
                   "scienceqa": "llava_test_CQM-A.json", "pope": "llava_pope_test.jsonl", "mme": "llava_mme.jsonl",
-                  "seed": "llava-seed-bench.jsonl", "mmbench": "mmbench_*.tsv"}
+                  "seed": "llava-seed-bench.jsonl", "mmbench": "mmbench_*.tsv", "llava_bench": "questions.jsonl",
+                  "mmvet": "llava-mm-vet.jsonl"}
 MMBENCH_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 

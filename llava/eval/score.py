@@ -12,6 +12,7 @@ per line) against a benchmark's ground truth in its published format. The data f
     mmbench     the MMBench TSV (mmbench_dev_*.tsv: index, question, A-D, answer, category); predictions carry
                 "round_id" for the circular rotations
     seed        SEED-Bench.json (questions with question_type_id and answer; question_type names)
+    llava_bench, mmvet   GPT-judged: see llava.eval.judge (a judge endpoint is needed)
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from .pope import pope_metrics
 from .scienceqa import scienceqa_accuracy
 from .vqa import gqa_accuracy, normalize_answer, vqa_accuracy
 
-BENCHMARKS = ("vqav2", "textvqa", "vizwiz", "gqa", "scienceqa", "pope", "mme", "mmbench", "seed")
+BENCHMARKS = ("vqav2", "textvqa", "vizwiz", "gqa", "scienceqa", "pope", "mme", "mmbench", "seed", "llava_bench",
+              "mmvet")
 
 
 def read_predictions(path: str | Path) -> list[dict]:
@@ -69,14 +71,25 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def score(benchmark: str, predictions_path: str | Path, data: str | Path, output: str | Path | None = None) -> dict:
-    """The benchmark's metrics for a predictions file (or, for test splits, the submission file written)."""
+def score(benchmark: str, predictions_path: str | Path, data: str | Path, output: str | Path | None = None,
+          judge=None) -> dict:
+    """The benchmark's metrics for a predictions file (or, for test splits, the submission file written).
+    `judge` (an OpenAITeacher) grades the GPT-judged benchmarks; its reviews go beside the predictions."""
     if benchmark not in BENCHMARKS:
         raise DataError(f"unknown benchmark {benchmark!r}; scorable: {', '.join(BENCHMARKS)}")
     data = Path(data)
     rows = read_predictions(predictions_path)
     text = {row["question_id"]: row["text"] for row in rows}
     output = Path(output) if output else Path(predictions_path).parent
+    if benchmark in ("llava_bench", "mmvet"):
+        from . import judge as judged
+
+        if judge is None:
+            raise DataError(f"{benchmark} is scored by a judge model: give --judge-model (and --judge-base-url)")
+        output.mkdir(parents=True, exist_ok=True)
+        grade = judged.llava_bench if benchmark == "llava_bench" else judged.mmvet
+        return grade(judge, data, {str(q) if benchmark == "mmvet" else q: t for q, t in text.items()},
+                     output / f"{benchmark}_reviews.jsonl")
     if benchmark == "vqav2":
         if not (data / "v2_mscoco_val2014_annotations.json").exists():
             return _submission(output / "vqav2_submission.json",
