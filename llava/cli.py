@@ -207,12 +207,16 @@ def _judge(args):
 def _eval_benchmark(args) -> int:
     """A published benchmark: answer (resumably, optionally one chunk of N), then score."""
     import json
+    import os
 
     from .core.io import atomic_write_text
     from .eval.run import merge_chunks, run_benchmark
     from .eval.score import score
 
     output = Path(args.output or f"runs/eval/{Path(args.model or 'demo').name}/{args.benchmark}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.num_chunks == 1 and world > 1:  # under torchrun / accelerate launch: one chunk per process
+        args.num_chunks, args.chunk_idx = world, int(os.environ.get("RANK", "0"))
     if args.action == "merge":
         answers = merge_chunks(output, args.num_chunks)
     else:

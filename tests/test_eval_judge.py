@@ -114,3 +114,27 @@ def test_mmvet_grades_with_retries_counted(tmp_path, judge_url):
                                       "rec": pytest.approx(50.0)}
     assert result["judge"]["unparsable"] == 1 and result["judge"]["failed"] == 0
     assert " -1 <AND> -5 " in _Judge.calls[0]  # the ground truth spaced as the official grader does
+
+
+def test_llava_bench_and_mmvet_are_answered_then_judged(checkpoints, photos, tmp_path, judge_url):
+    data = tmp_path / "bench"
+    (data / "images").mkdir(parents=True)
+    photos["wide"].save(data / "images" / "a.png")
+    _write(data / "questions.jsonl", [{"question_id": i, "image": "a.png", "text": "Describe it.",
+                                       "category": "detail"} for i in range(2)])
+    _write(data / "context.jsonl", [{"image": "a.png", "caption": "A cat."}])
+    _write(data / "answers_gpt4.jsonl", [{"question_id": i, "text": "A cat."} for i in range(2)])
+    rule = {"role": "Assistant", "prompt": "Rate both."}
+    (data / "rule.json").write_text(json.dumps({f"llava_bench_{c}": rule for c in ("conv", "detail", "complex")}))
+    _write(data / "llava-mm-vet.jsonl", [{"question_id": "v1_0", "image": "a.png", "text": "What is it?"}])
+    (data / "mm-vet.json").write_text(json.dumps({"v1_0": {"question": "What is it?", "answer": "cat",
+                                                          "capability": ["rec"]}}))
+    for benchmark, key in (("llava_bench", "scores"), ("mmvet", "total")):
+        out = tmp_path / benchmark
+        result = subprocess.run([sys.executable, "-m", "llava", "eval", "--benchmark", benchmark, "--model",
+                                 str(checkpoints("llava")), "--data", str(data), "--output", str(out),
+                                 "--max-new-tokens", "4", "--judge-model", "judge", "--judge-base-url", judge_url,
+                                 "--json"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert key in json.loads(result.stdout.strip().splitlines()[-1])
+        assert (out / "answers.jsonl").exists() and (out / f"{benchmark}_reviews.jsonl").exists()

@@ -45,6 +45,35 @@ def data(tmp_path_factory, photos):
     lines = [f"{i}\tWhat animal is shown?\tnan\tcat\tdog\tbird\t{'fish' if i else 'nan'}\tA\tanimals\t{encoded}\n"
              for i in range(2)]
     (root / "mmbench_dev_20230712.tsv").write_text(header + "".join(lines))
+    short = "\nAnswer the question using a single word or phrase."
+    textvqa = [{"question_id": 30 + i, "image": f"{names[i]}.png", "text": "What does the sign say?" + short}
+               for i in range(3)]
+    (root / "llava_textvqa_val_v051_ocr.jsonl").write_text("".join(json.dumps(q) + "\n" for q in textvqa))
+    (root / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": [
+        {"question_id": q["question_id"], "answers": ["stop"] * 10} for q in textvqa]}))
+    mme = [{"question_id": f"existence/{n}.png", "image": f"{n}.png", "category": "existence",
+            "text": f"Is there a {w} in this image? Please answer yes or no."}
+           for n in names[:2] for w in ("cat", "car")]  # two questions per image, one question_id
+    (root / "llava_mme.jsonl").write_text("".join(json.dumps(q) + "\n" for q in mme))
+    official = root / "MME_Benchmark_release_version" / "existence"
+    official.mkdir(parents=True)
+    for n in names[:2]:
+        (official / f"{n}.txt").write_text("Is there a cat in this image? Please answer yes or no.\tYes\n"
+                                           "Is there a car in this image? Please answer yes or no.\tNo\n")
+    seed = [{"question_id": f"s{i}", "image": f"{names[i]}.png", "text": "Which animal?\nA. cat\nB. dog\nC. cow"
+             "\nD. pig\nAnswer with the option's letter from the given choices directly."} for i in range(3)]
+    (root / "llava-seed-bench.jsonl").write_text("".join(json.dumps(q) + "\n" for q in seed))
+    (root / "SEED-Bench.json").write_text(json.dumps({"question_type": {"Instance Identity": 2}, "questions": [
+        {"question_id": q["question_id"], "question_type_id": 2, "answer": "A", "choice_a": "cat", "choice_b": "dog",
+         "choice_c": "cow", "choice_d": "pig"} for q in seed]}))
+    test = root / "test-splits"
+    (test / "images").mkdir(parents=True)
+    photos["wide"].save(test / "images" / "wide.png")
+    (test / "llava_vqav2_mscoco_test-dev2015.jsonl").write_text(json.dumps(
+        {"question_id": 262148000, "image": "wide.png", "text": "What animal?" + short}) + "\n")
+    (test / "llava_test.jsonl").write_text(json.dumps(
+        {"question_id": "VizWiz_test_00000000.jpg", "image": "wide.png", "text": "What is this?" + short}) + "\n")
+    (test / "mmbench_test_20230712.tsv").write_text(header + lines[0].replace("\tA\tanimals", "\t\tanimals"))
     return root
 
 
@@ -55,6 +84,7 @@ def _eval(capsys, *args):
 
 @pytest.mark.parametrize("benchmark, questions, key", [
     ("pope", 6, "random"), ("gqa", 5, "accuracy"), ("scienceqa", 4, "accuracy"), ("mmbench", 7, "circular_accuracy"),
+    ("textvqa", 3, "accuracy"), ("mme", 4, "perception"), ("seed", 3, "types"),
 ])
 def test_each_format_is_answered_and_scored(checkpoints, data, tmp_path, capsys, benchmark, questions, key):
     model = str(checkpoints("llava"))
@@ -89,3 +119,20 @@ def test_a_rerun_after_a_kill_resumes_and_chunks_merge(checkpoints, data, tmp_pa
                    "--num-chunks", "2")
     assert merged == full
     assert [r["text"] for r in read_rows(tmp_path / "b" / "answers.jsonl")] == [r["text"] for r in rows]
+
+
+@pytest.mark.parametrize("benchmark, file", [("vqav2", "vqav2_submission.json"),
+                                             ("vizwiz", "vizwiz_submission.json"),
+                                             ("mmbench", "mmbench_submission.xlsx")])
+def test_test_splits_write_the_servers_submission_files(checkpoints, data, tmp_path, capsys, benchmark, file):
+    metrics = _eval(capsys, "--benchmark", benchmark, "--model", str(checkpoints("llava")), "--data",
+                    str(data / "test-splits"), "--output", str(tmp_path), "--max-new-tokens", "3")
+    assert metrics["submission"] == str(tmp_path / file) and metrics["n"] == 1
+    if file.endswith(".json"):
+        entry = json.loads((tmp_path / file).read_text())[0]
+        assert set(entry) == ({"question_id", "answer"} if benchmark == "vqav2" else {"image", "answer"})
+    else:
+        from openpyxl import load_workbook
+        sheet = load_workbook(tmp_path / file).active
+        assert [c.value for c in sheet[1]][:7] == ["index", "question", "A", "B", "C", "D", "prediction"]
+        assert sheet.max_row == 2

@@ -115,8 +115,9 @@ def run_benchmark(model, processor, benchmark: str, data: str | Path, output: st
     size = math.ceil(len(questions) / num_chunks)
     questions = questions[chunk_idx * size:(chunk_idx + 1) * size]
     path = output / ("answers.jsonl" if num_chunks == 1 else f"answers_{chunk_idx}.jsonl")
-    done = {(row["question_id"], row.get("round_id", 0)) for row in read_rows(path)}
-    todo = [q for q in questions if (q["question_id"], q["round_id"]) not in done]
+    # MME asks two questions per image under one question_id: the prompt is part of the key
+    done = {(row["question_id"], row.get("round_id", 0), row["prompt"]) for row in read_rows(path)}
+    todo = [q for q in questions if (q["question_id"], q["round_id"], q["text"]) not in done]
     params = SamplingParams(max_new_tokens=max_new_tokens)
     engine = Engine(model, processor, max_batch_size=batch_size)
     token = processor.image_token

@@ -7,8 +7,9 @@ per line) against a benchmark's ground truth in its published format. The data f
     gqa         testdev_balanced_questions.json
     scienceqa   problems.json and pid_splits.json (the test split is scored)
     pope        coco_pope_random.json, coco_pope_popular.json, coco_pope_adversarial.json ("label" per question)
-    mme         llava_mme.jsonl with each question's "answer" (Yes / No) and "category"; predictions carry the
-                question_id of that file
+    mme         MME_Benchmark_release_version/ (the official folder: per subtask, "question<TAB>answer" .txt
+                files beside the images or in questions_answers_YN/); predictions carry LLaVA's question_id
+                ("subtask/image.png") and the question as "prompt"
     mmbench     the MMBench TSV (mmbench_dev_*.tsv: index, question, A-D, answer, category); predictions carry
                 "round_id" for the circular rotations
     seed        SEED-Bench.json (questions with question_type_id and answer; question_type names)
@@ -116,15 +117,32 @@ def score(benchmark: str, predictions_path: str | Path, data: str | Path, output
     if benchmark == "pope":
         return _pope(text, data)
     if benchmark == "mme":
-        questions = {q["question_id"]: q for q in _jsonl(data / "llava_mme.jsonl")}
-        missing = sorted(set(text) - set(questions), key=str)
-        if missing:
-            raise DataError(f"{len(missing)} predictions are not in llava_mme.jsonl (e.g. {missing[0]!r})")
-        return mme_scores([{"category": questions[q]["category"], "image": questions[q]["image"],
-                            "prediction": t, "answer": questions[q]["answer"]} for q, t in text.items()])
+        return _mme(rows, data)
     if benchmark == "mmbench":
-        return _mmbench(rows, data)
+        return _mmbench(rows, data, output)
     return _seed(text, data)
+
+
+def _mme(rows: list[dict], data: Path) -> dict:
+    root = data / "MME_Benchmark_release_version" if (data / "MME_Benchmark_release_version").is_dir() else data
+    truth = {}
+    for task in sorted(p for p in root.iterdir() if p.is_dir()):
+        texts = sorted((task / "questions_answers_YN").glob("*.txt")) or sorted(task.glob("*.txt"))
+        for text in texts:
+            for line in text.read_text().splitlines():
+                if "\t" in line:
+                    question, answer = line.split("\t")[:2]
+                    truth[(task.name, text.stem, question.strip())] = answer.strip()
+    if not truth:
+        raise DataError(f"{root}: no MME subtask folders with question/answer .txt files")
+    scored = []
+    for row in rows:
+        task, _, image = str(row["question_id"]).partition("/")
+        key = (task, Path(image).stem, row.get("prompt", "").strip())
+        if key not in truth:
+            raise DataError(f"MME: no ground truth for {row['question_id']!r} asking {key[2]!r}")
+        scored.append({"category": task, "image": image, "prediction": row["text"], "answer": truth[key]})
+    return mme_scores(scored)
 
 
 def _submission(path: Path, entries: list) -> dict:
@@ -148,12 +166,15 @@ def _pope(text: dict, data: Path) -> dict:
     return result
 
 
-def _mmbench(rows: list[dict], data: Path) -> dict:
+def _mmbench(rows: list[dict], data: Path, output: Path) -> dict:
     tables = sorted(data.glob("mmbench*.tsv"))
     if not tables:
         raise DataError(f"{data}: no mmbench*.tsv")
+    csv.field_size_limit(1 << 30)  # the images are base64 inside the table
     with open(tables[0], newline="") as f:
         questions = {int(r["index"]): r for r in csv.DictReader(f, delimiter="\t")}
+    if not any(q.get("answer") for q in questions.values()):  # the test split: a file for the MMBench server
+        return _mmbench_submission(rows, questions, output / "mmbench_submission.xlsx")
     scored = []
     for row in rows:
         question = questions.get(int(row["question_id"]))
@@ -164,6 +185,31 @@ def _mmbench(rows: list[dict], data: Path) -> dict:
                        "prediction": row["text"], "options": options, "answer": question["answer"],
                        "category": question.get("category", "all")})
     return mmbench_circular(scored)
+
+
+def _mmbench_submission(rows: list[dict], questions: dict, path: Path) -> dict:
+    """LLaVA's convert_mmbench_for_submission: index, question, A-D, prediction (the letter, in the order the
+    options were shown in round 0), category, l2-category, split, as .xlsx."""
+    from openpyxl import Workbook
+
+    from ..core.io import atomic_path
+    from .choice import extract_letter
+
+    columns = ["index", "question", "A", "B", "C", "D", "prediction", "category", "l2-category", "split"]
+    book = Workbook()
+    sheet = book.active
+    sheet.append(columns)
+    for row in rows:
+        if int(row.get("round_id", 0)) != 0:
+            continue
+        question = questions[int(row["question_id"])]
+        options = [question.get(c, "") for c in "ABCD"]
+        letter = extract_letter(row["text"], [o for o in options if o not in ("", "nan")]) or row["text"][:1]
+        sheet.append([question.get(c, "") if c != "prediction" else letter for c in columns])
+    output_rows = sheet.max_row - 1
+    with atomic_path(path) as tmp:
+        book.save(str(tmp))
+    return {"submission": str(path), "n": output_rows}
 
 
 def _seed(text: dict, data: Path) -> dict:
