@@ -79,7 +79,7 @@ class LlavaForCausalLM(nn.Module):
                 raise LlavaError(f"pixel_values must be (images, 3, H, W), got shape {tuple(pixel_values.shape)}")
             features = encode_images(self.vision_tower, pixel_values.to(tower_dtype),
                                      config.vision_feature_layer, config.vision_feature_select_strategy)
-            return list(self.multi_modal_projector(features))
+            return list(self.multi_modal_projector(self._to_projector(features)))
         if image_sizes is None:
             raise LlavaError("an AnyRes (llava_next) model needs image_sizes with pixel_values")
         tile = config.vision_config.image_size
@@ -91,10 +91,16 @@ class LlavaForCausalLM(nn.Module):
             raise LlavaError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}")
         features = encode_images(self.vision_tower, pixel_values.to(tower_dtype),
                                  config.vision_feature_layer, config.vision_feature_select_strategy)
-        features = self.multi_modal_projector(features)
+        features = self.multi_modal_projector(self._to_projector(features))
         return pack_image_features(list(torch.split(features, counts, dim=0)), image_sizes,
                                    config.image_grid_pinpoints, tile, config.vision_config.patch_size,
                                    self.image_newline)
+
+    def _to_projector(self, features: torch.Tensor) -> torch.Tensor:
+        """Features in the projector's dtype (a script may have cast the vision tower alone, as the
+        original's `vision_tower.to(dtype=torch.float16)` recipes do)."""
+        weight = next(self.multi_modal_projector.parameters(), None)
+        return features if weight is None else features.to(weight.dtype)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_sizes=None,
               image_features: list[torch.Tensor] | None = None) -> torch.Tensor:
