@@ -280,3 +280,12 @@ def build_original_checkpoint(folder: str | Path, form: str = "full", kind: str 
     torch.save({f"base_model.model.{k}": v for k, v in projector.items()}, checkpoint / "non_lora_trainables.bin")
     result["parts"]["llm"] = {k: v.contiguous() for k, v in peft_model.merge_and_unload().state_dict().items()}
     return result
+
+
+def free_port() -> int:
+    """A localhost TCP port nobody listens on right now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

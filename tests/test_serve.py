@@ -9,7 +9,6 @@ import http.server
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from llava.generate.generate import generate_text
 from llava.generate.sampling import SamplingParams
 from llava.serve.api import ServeConfig, create_app
 from llava.serve.media import MediaPolicy
+from llava.testing import free_port
 from llava.testing import serve_in_thread as running
 
 KEY = "sk-test-key"
@@ -276,15 +276,10 @@ def test_64_concurrent_streaming_clients(server, tiny, photos):
     assert engine.stats.decode_steps - steps_before < 64 * 10 / 4  # they really shared decode steps
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_the_serve_command(tiny, photos):
     folder, _, _ = tiny
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LLAVA_API_KEY": "from-env"}
     process = subprocess.Popen([sys.executable, "-m", "llava", "serve", "--model", str(folder), "--port", str(port),
                                 "--served-model-name", "cmd", "--log-level", "warning"],

@@ -3,7 +3,6 @@ reads the streamed answer, which equals the engine's; regenerate and clear work.
 to a running `llava serve` just as well."""
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from llava.generate.chat import chat_prompt
 from llava.generate.engine import Engine
 from llava.generate.sampling import SamplingParams
 from llava.serve.webui import ApiBackend, EngineBackend, Turn, build_ui
+from llava.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
@@ -23,11 +23,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                  "--disable-background-networking", "--disable-component-update"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +46,7 @@ def _greedy(engine, question=QUESTION, max_tokens=64):
 def test_browser_upload_ask_and_read_the_streamed_answer(engine, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     expected = _greedy(engine)
-    port = _free_port()
+    port = free_port()
     page_app = build_ui(EngineBackend(engine))
     page_app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     shot = tmp_path / "webui.png"

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import re
 
+from .choice import LETTERS
+
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def parse_letter(prediction: str, n_options: int) -> str:

@@ -28,7 +28,7 @@ from ..core.errors import CheckpointError
 from ..data import anyres
 from ..data.processor import LlavaProcessor
 from .llava import LlavaForCausalLM
-from .vision import image_processor_for
+from .vision import image_processor_for, vision_model_class
 
 # architectures of the original repository -> transformers model_type of the language model
 TEXT_TYPES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral",
@@ -240,7 +240,7 @@ def _add_image_token(tokenizer, language_model, config: dict) -> int:
 
 
 def _vision_tower(config: dict, override, extra: dict, folder: Path):
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     name = str(override or config["mm_vision_tower"])
     try:
@@ -251,8 +251,7 @@ def _vision_tower(config: dict, override, extra: dict, folder: Path):
     vision_config = getattr(vision_config, "vision_config", None) or vision_config
     carried = {k.split("vision_tower.vision_tower.", 1)[1]: v for k, v in extra.items()
                if "vision_tower.vision_tower." in k}
-    with torch.device("meta"):
-        model_class = type(AutoModel.from_config(vision_config))
+    model_class = vision_model_class(vision_config)
     if carried:  # the fine-tune trained the tower: its weights are in the checkpoint
         tower = model_class(vision_config)
         missing, unexpected = tower.load_state_dict(carried, strict=False)
@@ -314,18 +313,26 @@ def _compose(config: dict, tokenizer, language_model, tower, vision_config, extr
     return model.to(dtype).eval(), processor
 
 
+def projector_key(key: str) -> str:
+    """The original's projector keys (model.mm_projector.N, Sequential indices 0, 2, 4 ...) as ours
+    (multi_modal_projector.linear_1, linear_2 ...); model.image_newline as image_newline."""
+    key = key.removeprefix("model.")
+    match = re.fullmatch(r"mm_projector\.(\d+)\.(weight|bias)", key)
+    if match:
+        return f"multi_modal_projector.linear_{int(match.group(1)) // 2 + 1}.{match.group(2)}"
+    match = re.fullmatch(r"mm_projector\.(weight|bias)", key)
+    if match:
+        return f"multi_modal_projector.linear_1.{match.group(1)}"
+    return key
+
+
 def _load_multimodal(model: LlavaForCausalLM, extra: dict) -> None:
     """mm_projector.N and image_newline from the original's key names."""
     found = {}
     for key, value in extra.items():
-        key = key.removeprefix("model.")
-        match = re.fullmatch(r"mm_projector\.(\d+)\.(weight|bias)", key)
-        if match:
-            found[f"multi_modal_projector.linear_{int(match.group(1)) // 2 + 1}.{match.group(2)}"] = value
-        elif re.fullmatch(r"mm_projector\.(weight|bias)", key):
-            found[f"multi_modal_projector.linear_1.{key.rsplit('.', 1)[1]}"] = value
-        elif key == "image_newline":
-            found["image_newline"] = value
+        name = projector_key(key)
+        if name.startswith("multi_modal_projector.") or name == "image_newline":
+            found[name] = value
     own = model.state_dict()
     needed = {k for k in own if k.startswith("multi_modal_projector") or k == "image_newline"}
     missing = sorted(needed - set(found))

@@ -18,6 +18,12 @@ def build_vision_tower(vision_config: PretrainedConfig) -> nn.Module:
     return AutoModel.from_config(vision_config)
 
 
+def vision_model_class(vision_config: PretrainedConfig) -> type:
+    """The transformers class a vision config builds (CLIPVisionModel ...), found without allocating weights."""
+    with torch.device("meta"):
+        return type(AutoModel.from_config(vision_config))
+
+
 def select_features(hidden_states: tuple[torch.Tensor, ...], layer: int | list[int], strategy: str) -> torch.Tensor:
     """Pick the hidden state of `layer` (or concatenate several layers on the channel axis);
     'default' drops the first (CLS) position, 'full' keeps every position."""

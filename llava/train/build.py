@@ -25,7 +25,8 @@ from ..data.image_processor import ImageProcessor
 from ..data.processor import LlavaProcessor
 from ..model.checkpoint import load_pretrained, read_state_dict
 from ..model.llava import LlavaForCausalLM
-from ..model.vision import image_processor_for
+from ..model.original import projector_key
+from ..model.vision import image_processor_for, vision_model_class
 from .config import TrainConfig
 
 IMAGE_SIDE = ("multi_modal_projector", "image_newline")
@@ -59,7 +60,7 @@ def assemble(config: TrainConfig, dtype: torch.dtype) -> tuple[LlavaForCausalLM,
     try:
         vision_config = AutoConfig.from_pretrained(config.vision_tower)
         vision_config = getattr(vision_config, "vision_config", None) or vision_config  # CLIP/SigLIP with text
-        tower = _vision_model_class(vision_config).from_pretrained(config.vision_tower, config=vision_config,
+        tower = vision_model_class(vision_config).from_pretrained(config.vision_tower, config=vision_config,
                                                                    dtype=dtype)
     except OSError as e:
         raise CheckpointError(f"vision_tower {config.vision_tower}: cannot load ({str(e).splitlines()[0]})") from None
@@ -112,13 +113,6 @@ def assemble(config: TrainConfig, dtype: torch.dtype) -> tuple[LlavaForCausalLM,
     return model, processor
 
 
-def _vision_model_class(vision_config):
-    from transformers import AutoModel
-
-    with torch.device("meta"):
-        return type(AutoModel.from_config(vision_config))
-
-
 def _projector_act(projector_type: str) -> str:
     match = re.fullmatch(r"mlp\d+x_(\w+)", projector_type)
     return match.group(1) if match else "gelu"
@@ -148,7 +142,7 @@ def load_projector(model: LlavaForCausalLM, source: str | Path) -> None:
     own = {k: v for k, v in model.state_dict().items() if k.startswith(IMAGE_SIDE)}
     found = {}
     for key, value in tensors.items():
-        name = _projector_key(key)
+        name = projector_key(key)
         if name in own:
             found[name] = value
     missing = sorted(set(k for k in own if k.startswith("multi_modal_projector")) - set(found))
@@ -159,18 +153,6 @@ def load_projector(model: LlavaForCausalLM, source: str | Path) -> None:
             raise CheckpointError(f"projector {source}: {name} has shape {tuple(value.shape)}, the model needs "
                                   f"{tuple(own[name].shape)}")
     model.load_state_dict(found, strict=False)
-
-
-def _projector_key(key: str) -> str:
-    """Map the original's mm_projector keys (Sequential indices 0, 2, 4 ...) to linear_1, linear_2 ..."""
-    key = key.removeprefix("model.")
-    match = re.fullmatch(r"mm_projector\.(\d+)\.(weight|bias)", key)
-    if match:
-        return f"multi_modal_projector.linear_{int(match.group(1)) // 2 + 1}.{match.group(2)}"
-    match = re.fullmatch(r"mm_projector\.(weight|bias)", key)
-    if match:
-        return f"multi_modal_projector.linear_1.{match.group(1)}"
-    return key
 
 
 # -- what trains ------------------------------------------------------------------------------------------
