@@ -99,8 +99,10 @@ def cmd_train(args) -> int:
 def cmd_synth(args) -> int:
     from .data.shapes import synth
 
-    counts = synth(args.output, {"train": args.train, "val": args.val, "test": args.test}, seed=args.seed,
-                   side=args.image_size, progress=True)
+    splits = {"train": args.train, "val": args.val, "test": args.test}
+    if args.single:
+        splits["single"] = args.single
+    counts = synth(args.output, splits, seed=args.seed, side=args.image_size, progress=True)
     print(f"llava synth: {', '.join(f'{n} {s}' for s, n in counts.items())} images in {args.output}",
           file=sys.stderr)
     return 0
@@ -436,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--train", type=int, default=4000, help="train images (default 4000)")
     synth.add_argument("--val", type=int, default=100)
     synth.add_argument("--test", type=int, default=500)
+    synth.add_argument("--single", type=int, default=0,
+                       help="extra one-object training scenes, the mini CLIP's curriculum (default 0)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=96, help="image side in pixels (default 96)")
     synth.set_defaults(func=cmd_synth)

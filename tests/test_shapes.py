@@ -116,6 +116,22 @@ def test_short_answer_records_are_valid_llava_data(world, tmp_path):
     assert len(dataset) == len(records)
 
 
+def test_single_split_has_one_object_per_scene_and_its_own_ids(world, tmp_path):
+    synth(tmp_path, {"test": 20, "single": 30}, seed=3)
+    single = load_scenes(tmp_path, "single")
+    assert len(single) == 30 and all(len(s.objects) == 1 for s in single)
+    assert {s.file_name.split("/")[0] for s in single} == {"single"}
+    assert not {s.id for s in single} & {s.id for s in load_scenes(tmp_path, "test")}
+    assert len({o.shape for s in single for o in s.objects}) == len(SHAPES)
+
+
+def test_count_questions_use_english_plurals(world):
+    questions = [json.loads(line)["text"] for line in (world / "questions" / "short_train.jsonl").open()]
+    counted = {q for q in questions if q.startswith("How many ") and q.split()[2] != "shapes"}
+    assert counted and not any("crosss" in q for q in counted)
+    assert any(q == "How many crosses are there?" for q in counted)
+
+
 def test_bad_split_is_refused(tmp_path):
     with pytest.raises(DataError, match="unknown split 'dev'"):
         synth(tmp_path, {"dev": 3})

@@ -4,7 +4,8 @@ boxes, short-answer questions (colour / shape / count / position) and POPE-style
 A scene has 1-4 objects, each in its own cell of a 3x3 grid (so "top left", "center", ... name a
 position without ambiguity), with a shape, a colour and a size, over a solid, gradient or textured
 background. No two objects of a scene share both colour and shape, so "the red circle" names one.
-Splits are drawn from independent seeds and numbered apart: they never share an image.
+Splits are drawn from independent seeds and numbered apart: they never share an image. The `single`
+split holds extra one-object training scenes, which the mini recipe's CLIP learns shape names from first.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ JITTER = 0.15  # how far (as a fraction of the free space) an object may sit off
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "single")  # single: extra one-object training scenes (the CLIP curriculum)
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."  # LLaVA-1.5's VQA prompt
 SUPERSAMPLE = 4
 
@@ -167,7 +168,7 @@ def _object_words(obj: ShapeObject, rng: random.Random, with_size: bool | None =
     return f"{obj.size} {obj.colour} {obj.shape}" if with_size else obj.name
 
 
-def _article(words: str) -> str:
+def article(words: str) -> str:
     return f"an {words}" if words[0] in "aeiou" else f"a {words}"
 
 
@@ -185,7 +186,7 @@ def captions(scene: Scene, rng: random.Random, count: int = 5) -> list[str]:
     def listing(with_positions: bool, colours: bool = True) -> str:
         parts = []
         for obj in rng.sample(objects, n):
-            words = _article(_object_words(obj, rng) if colours else obj.shape)
+            words = article(_object_words(obj, rng) if colours else obj.shape)
             parts.append(f"{words} {position_phrase(obj.position)}" if with_positions else words)
         return join_words(parts)
 
@@ -211,6 +212,10 @@ def captions(scene: Scene, rng: random.Random, count: int = 5) -> list[str]:
     return out
 
 
+def plural(shape: str) -> str:
+    return f"{shape}es" if shape.endswith(("s", "x", "sh", "ch")) else f"{shape}s"
+
+
 def short_questions(scene: Scene, rng: random.Random) -> list[dict]:
     """Questions with one-word/phrase answers about colour, shape, count and position. Each is asked
     only where the answer is unambiguous."""
@@ -232,7 +237,7 @@ def short_questions(scene: Scene, rng: random.Random) -> list[dict]:
     out.append(("count", rng.choice(["How many shapes are there?", "How many objects are in the image?"]),
                 str(len(objects))))
     shape = rng.choice(SHAPES)
-    out.append(("count", f"How many {shape}s are there?", str(len(by_shape[shape]))))
+    out.append(("count", f"How many {plural(shape)} are there?", str(len(by_shape[shape]))))
     colour = rng.choice(list(COLOURS))
     out.append(("count", f"How many {colour} shapes are there?", str(len(by_colour[colour]))))
     return [{"category": kind, "text": text, "answer": answer} for kind, text, answer in out]
@@ -260,9 +265,9 @@ def pope_questions(scene: Scene, rng: random.Random, strategy: str, frequency: d
         negatives = (near + [n for n in absent if n not in near])[:len(positives)]
     else:
         raise ValueError(f"unknown POPE strategy {strategy!r}")
-    out = [{"text": f"Is there {_article(name)} in the image?", "label": "yes", "object": name}
+    out = [{"text": f"Is there {article(name)} in the image?", "label": "yes", "object": name}
            for name in positives]
-    out += [{"text": f"Is there {_article(name)} in the image?", "label": "no", "object": name}
+    out += [{"text": f"Is there {article(name)} in the image?", "label": "no", "object": name}
             for name in negatives]
     rng.shuffle(out)
     return out
@@ -301,7 +306,8 @@ def synth(output: str | Path, counts: dict[str, int], seed: int = 0, side: int =
         for i in tqdm(range(n), desc=f"synth {split}", disable=not progress, unit="img"):
             image_id = base[split] + i
             file_name = f"{split}/{image_id}.png"
-            scene, image = make_scene(rng, str(image_id), file_name, side=side)
+            scene, image = make_scene(rng, str(image_id), file_name, side=side,
+                                      max_objects=1 if split == "single" else 4)
             image.save(output / file_name)
             scenes.append(scene)
             for text in captions(scene, rng):
