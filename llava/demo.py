@@ -104,7 +104,9 @@ def run_demo(work: str | Path = "runs/demo", recipe_path: str | Path = RECIPE, f
         result.steps.append(StepResult(name, time.perf_counter() - start, summary))
         log(f"[{name}] {summary} ({time.perf_counter() - start:.0f} s)")
 
-    step("synth", _complete(shapes, "annotations/instances_test.json"), lambda: _synth(recipe, shapes, seed, progress))
+    splits = [k for k in recipe["synth"] if k != "image_size"]
+    step("synth", all(_complete(shapes, f"annotations/instances_{split}.json") for split in splits),
+         lambda: _synth(recipe, shapes, seed, progress))
     step("clip", _complete(work / "clip"), lambda: _clip(recipe, shapes, work / "clip", progress))
     step("lm", _complete(work / "lm"), lambda: _lm(recipe, shapes, work / "lm", progress))
     step("datagen", _complete(work / "data", "llava_instruct.json"),
@@ -154,6 +156,14 @@ def _tokenizer(recipe: dict, shapes: Path):
     return train_tokenizer(_corpus(shapes) + extra, int(recipe.get("tokenizer", {}).get("vocab_size", 1024)))
 
 
+def _shape_names(shapes: Path, split: str) -> list[tuple[str, list[str]]]:
+    """One-object scenes captioned by their shape alone ("a photo of a circle"): the CLIP curriculum."""
+    from .data.shapes import article, load_scenes
+
+    return [(str(shapes / scene.file_name), [f"a photo of {article(scene.objects[0].shape)}"])
+            for scene in load_scenes(shapes, split) if len(scene.objects) == 1]
+
+
 def _clip(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
     from .clip.classify import shape_accuracy
     from .data.shapes import COLOURS, SHAPES
@@ -161,8 +171,9 @@ def _clip(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
     from .train.lm import with_eos
 
     config = _dataclass_from(ClipConfig, recipe["clip"], "clip")
+    curriculum = _shape_names(shapes, "single") if config.curriculum_steps else []
     stats = train_clip(_captions(shapes, "train"), with_eos(_tokenizer(recipe, shapes), True), config, output,
-                       progress=progress, swap_groups=(SHAPES, tuple(COLOURS)))
+                       progress=progress, swap_groups=(SHAPES, tuple(COLOURS)), curriculum=curriculum)
     accuracy = shape_accuracy(output, shapes, "test")
     atomic_write_text(output / "zero_shot.json", json.dumps(accuracy, indent=2))
     return (f"{stats['params'] / 1e6:.1f}M params, loss {stats['loss']:.3f}, zero-shot shape accuracy "

@@ -101,6 +101,25 @@ def test_search_errors(random_clip, tmp_path):
         search(encoder, tmp_path, text="a", image="b")
 
 
+def test_contrastive_loss_counts_identical_captions_as_positives():
+    """UniCL targets: image B's caption ("square") also comes back as image A's hard negative; for B that
+    copy is a right answer, not a wrong one. With perfect embeddings the loss is then only the entropy
+    of B's two-way target: ln 2 / 2 on the image side, 0 on the text side."""
+    from llava.train.clip import _contrastive_loss
+
+    circle, square = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    images = torch.stack([circle, square])
+    texts = torch.stack([circle, square, square])  # captions A, B, then A's hard negative "square"
+    captions, negatives = ["a circle", "a square"], ["a square"]
+    positives = torch.tensor([[a == b for b in captions + negatives] for a in captions])
+    loss = _contrastive_loss(images, texts, torch.tensor(200.0), positives)
+    assert loss.item() == pytest.approx(np.log(2) / 4, abs=1e-4)
+    # two images with the same caption: neither is pushed away from the other's copy
+    same = torch.tensor([[True, True], [True, True]])
+    loss = _contrastive_loss(torch.stack([circle, circle]), torch.stack([circle, circle]), torch.tensor(200.0), same)
+    assert loss.item() == pytest.approx(np.log(2), abs=1e-4)
+
+
 def test_a_llava_checkpoint_is_not_a_clip_model(checkpoints):
     with pytest.raises(CheckpointError, match="not a CLIPModel"):
         ClipEncoder.load(checkpoints("llava"))

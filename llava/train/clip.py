@@ -39,6 +39,7 @@ class ClipConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.1
     hard_negatives: bool = True  # NegCLIP: each caption also competes with a copy that has one word swapped
+    curriculum_steps: int = 0    # with curriculum pairs: the first steps draw only from them, later ones half
     seed: int = 0
 
 
@@ -59,23 +60,35 @@ def swap_one_word(caption: str, groups: tuple[tuple[str, ...], ...], rng: random
     return "".join(words)
 
 
-def _contrastive_loss(image_embeds, text_embeds, negative_embeds, scale):
-    """CLIP's symmetric loss; images also see the hard-negative captions as wrong answers."""
+def _contrastive_loss(image_embeds, text_embeds, scale, positives):
+    """CLIP's symmetric loss with UniCL's multi-positive targets (Yang et al. 2022). `text_embeds` holds
+    the batch's captions and then any hard negatives; `positives[i, j]` is true where text j says what
+    image i's caption says (the same string: another image's identical caption, or a hard negative that
+    happens to be one), and image i's target spreads evenly over those. Texts are matched against the
+    images for their own captions only."""
     import torch.nn.functional as F
 
-    targets = torch.arange(len(image_embeds))
-    texts = torch.cat([text_embeds, negative_embeds]) if negative_embeds is not None else text_embeds
-    per_image = scale * image_embeds @ texts.T
-    per_text = scale * text_embeds @ image_embeds.T
-    return (F.cross_entropy(per_image, targets) + F.cross_entropy(per_text, targets)) / 2
+    n = len(image_embeds)
+    targets = positives.float() / positives.sum(1, keepdim=True)
+    per_image = F.log_softmax(scale * image_embeds @ text_embeds.T, dim=1)
+    per_text = F.log_softmax(scale * text_embeds[:n] @ image_embeds.T, dim=1)
+    text_targets = positives[:, :n].float() / positives[:, :n].sum(1, keepdim=True)
+    return -((targets * per_image).sum(1).mean() + (text_targets * per_text).sum(1).mean()) / 2
 
 
 def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig, output: str | Path,
-               progress: bool = False, swap_groups: tuple[tuple[str, ...], ...] = ()) -> dict:
+               progress: bool = False, swap_groups: tuple[tuple[str, ...], ...] = (),
+               curriculum: list[tuple[str, list[str]]] = ()) -> dict:
     """Train a fresh CLIPModel on (image path, captions) pairs; each step draws one caption per image.
     With `hard_negatives` and `swap_groups` (e.g. the shape names, the colour names) each caption gets a
-    one-word-swapped twin as an extra negative. Saves model, tokenizer and preprocessor_config.json to
-    `output`. Returns {"loss": ..., "params": ...}."""
+    one-word-swapped twin as an extra negative.
+
+    `curriculum` pairs (e.g. one-object scenes captioned "a photo of a circle") come first: the first
+    `config.curriculum_steps` steps draw only from them, later steps half from them and half from `pairs`.
+    Without them the two encoders settle on a shared blind spot: when colours, positions and counts
+    already tell a batch's captions apart, neither learns the shape words or the shapes.
+
+    Saves model, tokenizer and preprocessor_config.json to `output`. Returns {"loss": ..., "params": ...}."""
     import torch.nn.functional as F
     from tqdm import tqdm
     from transformers import CLIPConfig, CLIPModel
@@ -97,21 +110,34 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
     model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config,
                                  projection_dim=config.projection_dim))
     processor = image_processor_for(config)
+    everything = list(pairs) + list(curriculum)
     pixels = torch.from_numpy(np.stack([processor.preprocess_one(load_image(path)) for path, _ in
-                                        tqdm(pairs, desc="clip images", disable=not progress, unit="img")]))
+                                        tqdm(everything, desc="clip images", disable=not progress, unit="img")]))
+    main_rows, first_rows = list(range(len(pairs))), list(range(len(pairs), len(everything)))
     optimizer, schedule = adamw_with_cosine(model, config.lr, config.weight_decay, (0.9, 0.98),
                                             config.warmup_steps, config.steps)
     model.train()
     losses: list[float] = []
-    order: list[int] = []
+    orders: dict[int, list[int]] = {0: [], 1: []}
+
+    def draw(which: int, count: int) -> list[int]:  # epochs of shuffled rows, per source
+        source = first_rows if which else main_rows
+        while len(orders[which]) < count:
+            fresh = list(source)
+            rng.shuffle(fresh)
+            orders[which] += fresh
+        rows, orders[which] = orders[which][:count], orders[which][count:]
+        return rows
+
     bar = tqdm(range(config.steps), desc="train clip", disable=not progress, unit="step")
     for step in bar:
-        if len(order) < config.batch_size:
-            fresh = list(range(len(pairs)))
-            rng.shuffle(fresh)
-            order += fresh
-        rows, order = order[:config.batch_size], order[config.batch_size:]
-        texts = [rng.choice(pairs[i][1]) for i in rows]
+        if not first_rows:
+            rows = draw(0, config.batch_size)
+        elif step < config.curriculum_steps:
+            rows = draw(1, config.batch_size)
+        else:
+            rows = draw(1, config.batch_size // 2) + draw(0, config.batch_size - config.batch_size // 2)
+        texts = [rng.choice(everything[i][1]) for i in rows]
         negatives = [swap_one_word(t, swap_groups, rng) for t in texts] if config.hard_negatives else []
         negatives = [n for n in negatives if n is not None]
         tokens = tokenizer(texts + negatives, padding=True, truncation=True, max_length=config.max_text_length,
@@ -120,9 +146,8 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
         image_embeds = model.get_image_features(pixel_values=pixels[rows])
         text_embeds = F.normalize(getattr(text_embeds, "pooler_output", text_embeds), dim=-1)
         image_embeds = F.normalize(getattr(image_embeds, "pooler_output", image_embeds), dim=-1)
-        n = len(rows)
-        loss = _contrastive_loss(image_embeds, text_embeds[:n], text_embeds[n:] if negatives else None,
-                                 model.logit_scale.exp())
+        positives = torch.tensor([[a == b for b in texts + negatives] for a in texts])
+        loss = _contrastive_loss(image_embeds, text_embeds, model.logit_scale.exp(), positives)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
