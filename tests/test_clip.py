@@ -130,34 +130,26 @@ needs_bundled = pytest.mark.skipif(not (BUNDLED_CLIP / "config.json").exists(), 
 
 @needs_bundled
 def test_bundled_clip_zero_shot(shapes_images):
-    """What the tiny CLIP has learnt: colours (shapes are at chance, as the README says)."""
-    from llava.data.images import load_image
-    from llava.data.shapes import COLOURS
-
+    """What the tiny CLIP has learnt: shape names, >= 90% zero-shot on one-object scenes it never saw."""
     encoder = ClipEncoder.load(BUNDLED_CLIP)
     single = [s for s in load_scenes(shapes_images, "test") if len(s.objects) == 1]
-    probs = classify(encoder, [load_image(shapes_images / s.file_name) for s in single], list(COLOURS))
-    correct = [list(COLOURS)[i] == s.objects[0].colour for i, s in zip(probs.argmax(axis=1), single)]
-    assert len(single) >= 10 and sum(correct) / len(correct) >= 0.9
     shapes = shape_accuracy(encoder, shapes_images, "test")
-    assert shapes["n"] == len(single) and 0 <= shapes["accuracy"] <= 1
+    assert shapes["n"] == len(single) >= 10 and shapes["accuracy"] >= 0.9
 
 
 @needs_bundled
 def test_bundled_clip_text_to_image_ranking(shapes_images, tmp_path):
-    """Asked for a colour, images holding an object of that colour rank above the base rate."""
-    from llava.data.shapes import COLOURS
-
+    """Asked for a shape, images holding that shape rank well above the base rate."""
     encoder = ClipEncoder.load(BUNDLED_CLIP)
     index_folder(encoder, shapes_images / "test", tmp_path / "index")
     scenes = {Path(s.file_name).name: s for s in load_scenes(shapes_images, "test")}
     precision, base = [], []
-    for colour in COLOURS:
-        holders = {n for n, s in scenes.items() if any(o.colour == colour for o in s.objects)}
-        hits = search(encoder, tmp_path / "index", text=f"a photo of a {colour} circle", top_k=5)
+    for shape in SHAPES:
+        holders = {n for n, s in scenes.items() if any(o.shape == shape for o in s.objects)}
+        hits = search(encoder, tmp_path / "index", text=f"a photo of a {shape}", top_k=5)
         precision.append(sum(Path(h.path).name in holders for h in hits) / 5)
         base.append(len(holders) / len(scenes))
-    assert sum(precision) / len(precision) >= sum(base) / len(base) + 0.2
+    assert sum(precision) / len(precision) >= sum(base) / len(base) + 0.3
 
 
 @needs_bundled
