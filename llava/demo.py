@@ -104,8 +104,7 @@ def run_demo(work: str | Path = "runs/demo", recipe_path: str | Path = RECIPE, f
         result.steps.append(StepResult(name, time.perf_counter() - start, summary))
         log(f"[{name}] {summary} ({time.perf_counter() - start:.0f} s)")
 
-    splits = [k for k in recipe["synth"] if k != "image_size"]
-    step("synth", all(_complete(shapes, f"annotations/instances_{split}.json") for split in splits),
+    step("synth", all(_complete(shapes, f"annotations/instances_{split}.json") for split in _split_counts(recipe)),
          lambda: _synth(recipe, shapes, seed, progress))
     step("clip", _complete(work / "clip"), lambda: _clip(recipe, shapes, work / "clip", progress))
     step("lm", _complete(work / "lm"), lambda: _lm(recipe, shapes, work / "lm", progress))
@@ -120,12 +119,16 @@ def run_demo(work: str | Path = "runs/demo", recipe_path: str | Path = RECIPE, f
 
 # ---------------------------------------------------------------- steps
 
+def _split_counts(recipe: dict) -> dict[str, int]:
+    """The synth section's images per split (every key but image_size)."""
+    return {k: int(v) for k, v in recipe["synth"].items() if k != "image_size"}
+
+
 def _synth(recipe: dict, shapes: Path, seed: int, progress: bool) -> str:
     from .data.shapes import synth
 
-    section = dict(recipe["synth"])
-    side = int(section.pop("image_size", 64))
-    counts = synth(shapes, {k: int(v) for k, v in section.items()}, seed=seed, side=side, progress=progress)
+    side = int(recipe["synth"].get("image_size", 64))
+    counts = synth(shapes, _split_counts(recipe), seed=seed, side=side, progress=progress)
     return ", ".join(f"{n} {split}" for split, n in counts.items()) + " images"
 
 
