@@ -53,6 +53,14 @@ def test_every_step_runs_and_writes_standard_formats(demo):
         assert word in table
 
 
+def test_the_language_model_knows_the_answer_words(demo):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo.work / "lm")
+    for answer in ("Yes", "No"):  # POPE's answers are in the corpus, so each is one word of the vocabulary
+        assert tokenizer.tokenize(answer) == ["▁" + answer]
+
+
 def test_a_second_run_skips_what_is_done(demo, tmp_path):
     again = run_demo(demo.work, demo.work.parent / "micro.yaml", progress=False, log=lambda m: None)
     assert all(s.skipped for s in again.steps) and again.metrics == demo.metrics
