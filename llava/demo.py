@@ -144,7 +144,8 @@ def _corpus(shapes: Path) -> list[str]:
     """Shapes-world text: the train captions and the train questions with their answers, the POPE
     ones included (without them "Yes" and "No" are not words of the tokenizer: "No" became ▁ N o)."""
     texts = [c for _, captions in _captions(shapes, "train") for c in captions]
-    for path in [shapes / "questions" / "short_train.jsonl", *sorted((shapes / "questions").glob("pope_train_*.jsonl"))]:
+    questions = shapes / "questions"
+    for path in [questions / "short_train.jsonl", *sorted(questions.glob("pope_train_*.jsonl"))]:
         for line in path.read_text().splitlines():
             row = json.loads(line)
             texts.append(f"{row['text']} {row.get('answer', row.get('label')).capitalize()}.")
