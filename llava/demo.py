@@ -143,13 +143,10 @@ def _captions(shapes: Path, split: str) -> list[tuple[str, list[str]]]:
 def _corpus(shapes: Path) -> list[str]:
     """Shapes-world text: the train captions and the train questions with their answers, the POPE
     ones included (without them "Yes" and "No" are not words of the tokenizer: "No" became ▁ N o)."""
+    from .data.shapes import questions_with_answers
+
     texts = [c for _, captions in _captions(shapes, "train") for c in captions]
-    questions = shapes / "questions"
-    for path in [questions / "short_train.jsonl", *sorted(questions.glob("pope_train_*.jsonl"))]:
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            texts.append(f"{row['text']} {row.get('answer', row.get('label')).capitalize()}.")
-    return texts
+    return texts + [f"{question} {answer}." for _, question, answer in questions_with_answers(shapes, "train")]
 
 
 def _tokenizer(recipe: dict, shapes: Path):
@@ -164,9 +161,10 @@ def _tokenizer(recipe: dict, shapes: Path):
 
 def _shape_names(shapes: Path, split: str) -> list[tuple[str, list[str]]]:
     """One-object scenes captioned by their shape alone ("a photo of a circle"): the CLIP curriculum."""
-    from .data.shapes import article, load_scenes
+    from .clip.classify import DEFAULT_PROMPT
+    from .data.shapes import load_scenes
 
-    return [(str(shapes / scene.file_name), [f"a photo of {article(scene.objects[0].shape)}"])
+    return [(str(shapes / scene.file_name), [DEFAULT_PROMPT.format(label=scene.objects[0].shape)])
             for scene in load_scenes(shapes, split) if len(scene.objects) == 1]
 
 

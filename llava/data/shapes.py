@@ -168,7 +168,7 @@ def _object_words(obj: ShapeObject, rng: random.Random, with_size: bool | None =
     return f"{obj.size} {obj.colour} {obj.shape}" if with_size else obj.name
 
 
-def article(words: str) -> str:
+def _article(words: str) -> str:
     return f"an {words}" if words[0] in "aeiou" else f"a {words}"
 
 
@@ -186,7 +186,7 @@ def captions(scene: Scene, rng: random.Random, count: int = 5) -> list[str]:
     def listing(with_positions: bool, colours: bool = True) -> str:
         parts = []
         for obj in rng.sample(objects, n):
-            words = article(_object_words(obj, rng) if colours else obj.shape)
+            words = _article(_object_words(obj, rng) if colours else obj.shape)
             parts.append(f"{words} {position_phrase(obj.position)}" if with_positions else words)
         return join_words(parts)
 
@@ -265,9 +265,9 @@ def pope_questions(scene: Scene, rng: random.Random, strategy: str, frequency: d
         negatives = (near + [n for n in absent if n not in near])[:len(positives)]
     else:
         raise ValueError(f"unknown POPE strategy {strategy!r}")
-    out = [{"text": f"Is there {article(name)} in the image?", "label": "yes", "object": name}
+    out = [{"text": f"Is there {_article(name)} in the image?", "label": "yes", "object": name}
            for name in positives]
-    out += [{"text": f"Is there {article(name)} in the image?", "label": "no", "object": name}
+    out += [{"text": f"Is there {_article(name)} in the image?", "label": "no", "object": name}
             for name in negatives]
     rng.shuffle(out)
     return out
@@ -367,20 +367,27 @@ def load_scenes(root: str | Path, split: str) -> list[Scene]:
     return list(scenes.values())
 
 
-def short_answer_records(root: str | Path, split: str, questions_per_record: int = 8, seed: int = 0) -> list[dict]:
-    """LLaVA-format training records from the short-answer and POPE questions of a split, as
-    LLaVA-1.5 turns its academic VQA data into conversations: each question with the
-    short-answer suffix, several questions about one image in one multi-turn record."""
-    root = Path(root)
-    by_image: dict[str, list[tuple[str, str]]] = {}
-    for path in [root / "questions" / f"short_{split}.jsonl",
-                 *sorted((root / "questions").glob(f"pope_{split}_*.jsonl"))]:
+def questions_with_answers(root: str | Path, split: str) -> list[tuple[str, str, str]]:
+    """(image, question, Answer) for every short-answer question of a split, then every POPE one
+    (random, popular, adversarial), answers capitalised as LLaVA's VQA data writes them."""
+    questions = Path(root) / "questions"
+    out = []
+    for path in [questions / f"short_{split}.jsonl", *sorted(questions.glob(f"pope_{split}_*.jsonl"))]:
         if not path.exists():
             raise DataError(f"{path}: not found (run `llava synth` first)")
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            answer = row.get("answer", row.get("label"))
-            by_image.setdefault(row["image"], []).append((row["text"], answer.capitalize()))
+            out.append((row["image"], row["text"], row.get("answer", row.get("label")).capitalize()))
+    return out
+
+
+def short_answer_records(root: str | Path, split: str, questions_per_record: int = 8, seed: int = 0) -> list[dict]:
+    """LLaVA-format training records from the short-answer and POPE questions of a split, as
+    LLaVA-1.5 turns its academic VQA data into conversations: each question with the
+    short-answer suffix, several questions about one image in one multi-turn record."""
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    for image, question, answer in questions_with_answers(root, split):
+        by_image.setdefault(image, []).append((question, answer))
     rng = random.Random(seed)
     records = []
     for image, pairs in by_image.items():
