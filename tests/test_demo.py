@@ -61,6 +61,22 @@ def test_the_language_model_knows_the_answer_words(demo):
         assert tokenizer.tokenize(answer) == ["▁" + answer]
 
 
+@pytest.mark.parametrize("init_std", [0.02, 0.2])
+def test_the_language_model_starts_at_the_recipes_weight_scale(tmp_path, init_std):
+    from transformers import LlamaForCausalLM
+
+    from llava.train.lm import LMConfig, pretrain_lm, train_tokenizer
+
+    tokenizer = train_tokenizer(["a red circle on the left", "a blue square at the top"] * 20, 200)
+    config = LMConfig(hidden_size=64, layers=1, heads=2, kv_heads=2, intermediate_size=128, block_size=16,
+                      batch_size=2, steps=1, lr=1e-9, init_std=init_std)  # one step that moves nothing
+    pretrain_lm(["a red circle on the left"] * 20, tokenizer, config, tmp_path / "lm")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "lm")
+    assert model.config.initializer_range == init_std
+    for weight in (model.get_input_embeddings().weight, model.model.layers[0].self_attn.q_proj.weight):
+        assert weight.std().item() == pytest.approx(init_std, rel=0.1)
+
+
 def test_a_second_run_skips_what_is_done(demo, tmp_path):
     again = run_demo(demo.work, demo.work.parent / "micro.yaml", progress=False, log=lambda m: None)
     assert all(s.skipped for s in again.steps) and again.metrics == demo.metrics

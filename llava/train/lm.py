@@ -65,6 +65,7 @@ class LMConfig:
     lr: float = 2e-3
     warmup_steps: int = 30
     weight_decay: float = 0.0
+    init_std: float = 0.02  # LlamaConfig.initializer_range (benchmarks/lookup_learning.py measures its effect)
     seed: int = 0
 
 
@@ -84,7 +85,8 @@ def pretrain_lm(texts: list[str], tokenizer, config: LMConfig, output: str | Pat
         vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
         max_position_embeddings=config.max_positions, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        initializer_range=config.init_std)
     model = LlamaForCausalLM(model_config)
     eos = tokenizer.eos_token_id
     stream: list[int] = []
