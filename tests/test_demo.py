@@ -75,6 +75,8 @@ def test_the_language_model_starts_at_the_recipes_weight_scale(tmp_path, init_st
     assert model.config.initializer_range == init_std
     for weight in (model.get_input_embeddings().weight, model.model.layers[0].self_attn.q_proj.weight):
         assert weight.std().item() == pytest.approx(init_std, rel=0.1)
+    with pytest.raises(TrainConfigError, match="lm.init_std must be > 0"):
+        pretrain_lm(["a red circle"] * 20, tokenizer, LMConfig(init_std=0.0), tmp_path / "zero")
 
 
 def test_a_second_run_skips_what_is_done(demo, tmp_path):

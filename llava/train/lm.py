@@ -79,6 +79,8 @@ def pretrain_lm(texts: list[str], tokenizer, config: LMConfig, output: str | Pat
         raise TrainConfigError("language model pretraining: the corpus is empty")
     if config.hidden_size % config.heads:
         raise TrainConfigError(f"lm.hidden_size {config.hidden_size} is not a multiple of lm.heads {config.heads}")
+    if not config.init_std > 0:
+        raise TrainConfigError(f"lm.init_std must be > 0 (the initial weights' standard deviation), got {config.init_std}")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     model_config = LlamaConfig(
