@@ -16,15 +16,16 @@ Every batch is new data, so the accuracy on it is held-out accuracy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from llava.demo import load_recipe
+from llava.train.lm import LMConfig, llama_config
+
 COLOURS, SHAPES, CELLS = 6, 5, 9
 # token ids: 0 <s>, 1 empty cell, 2 "what colour", 3 answer marker, then colours, shapes, fillers
 FIRST_COLOUR, FIRST_SHAPE = 4, 4 + COLOURS
@@ -48,18 +49,14 @@ def make_batch(rng: random.Random, batch_size: int, filler: int) -> tuple[torch.
     return torch.tensor(cells), torch.tensor(questions), torch.tensor(answers)
 
 
-def steps_to_learn(lm: dict, init: float, filler: int, steps: int, batch_size: int, lr: float, seed: int,
+def steps_to_learn(lm: LMConfig, init: float, filler: int, steps: int, batch_size: int, lr: float, seed: int,
                    target: float = 0.9, window: int = 20) -> int | None:
     """Train a fresh LM; the first step at which the mean accuracy of the last `window` batches
     reaches `target`, or None."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=FIRST_FILLER + 10, hidden_size=lm["hidden_size"],
-                         intermediate_size=lm["intermediate_size"], num_hidden_layers=lm["layers"],
-                         num_attention_heads=lm["heads"], num_key_value_heads=lm["kv_heads"],
-                         max_position_embeddings=64, initializer_range=init, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(llama_config(dataclasses.replace(lm, init_std=init), FIRST_FILLER + 10))
     embed = model.get_input_embeddings()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)  # the same batches for every init
@@ -90,8 +87,8 @@ def main() -> None:
     parser.add_argument("--inits", type=float, nargs=2, default=(0.02, 0.07),
                         help="two initializer_range values: transformers' default, and about 1/sqrt(hidden)")
     args = parser.parse_args()
-    lm = yaml.safe_load((ROOT / "recipes" / "mini.yaml").read_text())["lm"]
-    print(f"LM: hidden {lm['hidden_size']}, {lm['layers']} layers, {lm['heads']} heads; {args.filler} filler tokens; "
+    lm = LMConfig(**load_recipe()["lm"])  # the mini recipe's LM, as `llava demo` builds it
+    print(f"LM: hidden {lm.hidden_size}, {lm.layers} layers, {lm.heads} heads; {args.filler} filler tokens; "
           f"batch {args.batch_size}, lr {args.lr}")
     medians = []
     for init in args.inits:

@@ -69,27 +69,34 @@ class LMConfig:
     seed: int = 0
 
 
+def llama_config(config: LMConfig, vocab_size: int, **special_ids):
+    """The LlamaConfig of the LM that `config` describes (special_ids: bos_token_id, eos_token_id, ...)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
+        max_position_embeddings=config.max_positions, initializer_range=config.init_std, tie_word_embeddings=False,
+        **special_ids)
+
+
 def pretrain_lm(texts: list[str], tokenizer, config: LMConfig, output: str | Path, progress: bool = False) -> dict:
     """Pretrain a fresh LlamaForCausalLM on `texts` (each wrapped in <s> ... </s> and packed into
     block_size windows) and save it with the tokenizer to `output`. Returns {"loss": last mean loss}."""
     from tqdm import tqdm
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if not texts:
         raise TrainConfigError("language model pretraining: the corpus is empty")
     if config.hidden_size % config.heads:
         raise TrainConfigError(f"lm.hidden_size {config.hidden_size} is not a multiple of lm.heads {config.heads}")
     if not config.init_std > 0:
-        raise TrainConfigError(f"lm.init_std must be > 0 (the initial weights' standard deviation), got {config.init_std}")
+        raise TrainConfigError(f"lm.init_std must be > 0 (the initial weights' standard deviation), "
+                               f"got {config.init_std}")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    model_config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
-        max_position_embeddings=config.max_positions, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-        initializer_range=config.init_std)
-    model = LlamaForCausalLM(model_config)
+    model = LlamaForCausalLM(llama_config(config, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     order = list(range(len(texts)))
