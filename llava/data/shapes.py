@@ -381,17 +381,27 @@ def questions_with_answers(root: str | Path, split: str) -> list[tuple[str, str,
     return out
 
 
+def _as_many_no_as_yes(pairs: list[tuple[str, str]], rng: random.Random) -> list[tuple[str, str]]:
+    """Drop surplus "No" questions at random. The three POPE splits ask about the same present objects
+    but about different absent ones, so once duplicates are gone an image has up to three "No" for each
+    "Yes"; trained on that, the mini model answered "No" to every existence question."""
+    no = [pair for pair in pairs if pair[1] == "No"]
+    keep = set(rng.sample(no, min(len(no), sum(answer == "Yes" for _, answer in pairs))))
+    return [pair for pair in pairs if pair[1] != "No" or pair in keep]
+
+
 def short_answer_records(root: str | Path, split: str, questions_per_record: int = 8, seed: int = 0) -> list[dict]:
     """LLaVA-format training records from the short-answer and POPE questions of a split, as
     LLaVA-1.5 turns its academic VQA data into conversations: each question with the
-    short-answer suffix, several questions about one image in one multi-turn record."""
+    short-answer suffix, several questions about one image in one multi-turn record. Yes/no questions
+    are half yes, half no, as in POPE itself."""
     by_image: dict[str, list[tuple[str, str]]] = {}
     for image, question, answer in questions_with_answers(root, split):
         by_image.setdefault(image, []).append((question, answer))
     rng = random.Random(seed)
     records = []
     for image, pairs in by_image.items():
-        pairs = list(dict.fromkeys(pairs))
+        pairs = _as_many_no_as_yes(list(dict.fromkeys(pairs)), rng)
         rng.shuffle(pairs)
         for start in range(0, len(pairs), questions_per_record):
             turns = []
