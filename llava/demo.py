@@ -1,6 +1,7 @@
 """`llava demo`: the whole LLaVA recipe in miniature, end to end on a CPU, from recipes/mini.yaml:
 shapes world -> tiny CLIP -> tokenizer + tiny LM -> instruction data (rule-based teacher) ->
-stage 1 (projector) -> stage 2 (instruction tuning) -> evaluation, with a summary table.
+stage 1 (projector) -> stage 1.5 (the whole model on captions, if the recipe has a midstage section) ->
+stage 2 (instruction tuning) -> evaluation, with a summary table.
 
 Every step writes its own folder under the work folder and is skipped when that folder is already
 complete, so a killed demo continues where it stopped. `rebuild` copies the result into models/demo."""
@@ -22,7 +23,8 @@ from .core.io import atomic_dir, atomic_write_text
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "mini.yaml"
 BUNDLED = ROOT / "models" / "demo"
-STEPS = ("synth", "clip", "lm", "datagen", "pretrain", "finetune", "eval")
+STEPS = ("synth", "clip", "lm", "datagen", "pretrain", "midstage", "finetune", "eval")
+STAGES = {"pretrain": "stage1", "midstage": "stage1_5", "finetune": "stage2"}  # recipe section -> output folder
 
 
 @dataclass
@@ -72,8 +74,13 @@ def _check_recipe(recipe: dict) -> None:
 
     _dataclass_from(ClipConfig, recipe["clip"], "clip")
     _dataclass_from(LMConfig, recipe["lm"], "lm")
-    for stage in ("pretrain", "finetune"):
+    for stage in _stages(recipe):
         _check_fields(TrainConfig, recipe[stage], stage)
+
+
+def _stages(recipe: dict) -> list[str]:
+    """The training sections the recipe runs, in order (midstage is optional)."""
+    return [stage for stage in STAGES if stage in recipe]
 
 
 def _complete(folder: Path, marker: str = "config.json") -> bool:
@@ -110,8 +117,8 @@ def run_demo(work: str | Path = "runs/demo", recipe_path: str | Path = RECIPE, f
     step("lm", _complete(work / "lm"), lambda: _lm(recipe, shapes, work / "lm", progress))
     step("datagen", _complete(work / "data", "llava_instruct.json"),
          lambda: _datagen(recipe, shapes, work / "data", seed, progress))
-    step("pretrain", _complete(work / "stage1"), lambda: _train_stage(recipe, "pretrain", work, progress))
-    step("finetune", _complete(work / "stage2"), lambda: _train_stage(recipe, "finetune", work, progress))
+    for stage in _stages(recipe):
+        step(stage, _complete(work / STAGES[stage]), lambda stage=stage: _train_stage(recipe, stage, work, progress))
     step("eval", _complete(work / "eval", "metrics.json"), lambda: _evaluate(recipe, work, progress))
     result.metrics = json.loads((work / "eval" / "metrics.json").read_text())
     return result
@@ -217,16 +224,23 @@ def _datagen(recipe: dict, shapes: Path, output: Path, seed: int, progress: bool
 
 
 def _train_config(recipe: dict, stage: str, work: Path):
+    """The TrainConfig of one training section. Stage 1 starts from the CLIP and the LM with a new projector;
+    stage 1.5 (midstage, LLaVA-NeXT's) from them with stage 1's projector, training the whole model on the
+    captions; stage 2 from stage 1.5's model where there is one, else as stage 1.5 does."""
     from .train.config import TrainConfig
 
     values = dict(recipe[stage])
-    values.update(vision_tower=str(work / "clip"), language_model=str(work / "lm"), image_folder=str(work / "shapes"),
-                  stage=stage, progress=values.get("progress", True))
+    values.update(image_folder=str(work / "shapes"), output=str(work / STAGES[stage]),
+                  stage="pretrain" if stage == "pretrain" else "finetune", progress=values.get("progress", True))
+    start = dict(vision_tower=str(work / "clip"), language_model=str(work / "lm"))
     if stage == "pretrain":
-        values.update(data=str(work / "data" / "captions.json"), output=str(work / "stage1"))
+        values.update(start, data=str(work / "data" / "captions.json"))
+    elif stage == "midstage":
+        values.update(start, data=str(work / "data" / "captions.json"), projector=str(work / "stage1"))
+    elif "midstage" in recipe:
+        values.update(model=str(work / "stage1_5"), data=str(work / "data" / "llava_instruct.json"))
     else:
-        values.update(data=str(work / "data" / "llava_instruct.json"), projector=str(work / "stage1"),
-                      output=str(work / "stage2"))
+        values.update(start, data=str(work / "data" / "llava_instruct.json"), projector=str(work / "stage1"))
     return _dataclass_from(TrainConfig, values, stage)
 
 

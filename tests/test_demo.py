@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from llava.core.errors import TrainConfigError
@@ -21,7 +22,7 @@ def _micro_recipe(path: Path) -> Path:
                           batch_size=16, steps=3, curriculum_steps=1)
     recipe["lm"].update(hidden_size=32, layers=1, intermediate_size=64, batch_size=4, steps=3, block_size=64)
     recipe["tokenizer"]["vocab_size"] = 300
-    for stage in ("pretrain", "finetune"):
+    for stage in ("pretrain", "midstage", "finetune"):
         recipe[stage].update(batch_size=4, max_steps=2, progress=False, save_steps=0)
     recipe["eval"] = {"split": "test", "limit": 4, "batch_size": 4}
     path.write_text(yaml.safe_dump(recipe))
@@ -37,7 +38,8 @@ def demo(tmp_path_factory):
 def test_every_step_runs_and_writes_standard_formats(demo):
     from transformers import CLIPModel, LlamaForCausalLM, LlavaForConditionalGeneration
 
-    assert [s.name for s in demo.steps] == ["synth", "clip", "lm", "datagen", "pretrain", "finetune", "eval"]
+    assert [s.name for s in demo.steps] == ["synth", "clip", "lm", "datagen", "pretrain", "midstage", "finetune",
+                                            "eval"]
     work = demo.work
     CLIPModel.from_pretrained(work / "clip")
     LlamaForCausalLM.from_pretrained(work / "lm")
@@ -51,6 +53,25 @@ def test_every_step_runs_and_writes_standard_formats(demo):
     table = summary_table(demo)
     for word in ("synth", "finetune", "shapes short answers", "POPE adversarial", "total"):
         assert word in table
+
+
+def test_stage_1_5_trains_the_whole_model_from_stage_1_and_stage_2_starts_from_it(demo):
+    from safetensors.torch import load_file
+
+    work = demo.work
+    lm, clip = load_file(work / "lm" / "model.safetensors"), load_file(work / "clip" / "model.safetensors")
+    stage1, mid = load_file(work / "stage1" / "model.safetensors"), load_file(work / "stage1_5" / "model.safetensors")
+    attention = "model.layers.0.self_attn.q_proj.weight"
+    tower = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(stage1["language_model." + attention], lm[attention])  # LM frozen
+    assert not torch.equal(mid["language_model." + attention], lm[attention])
+    assert not torch.equal(mid[tower.replace("vision_model", "vision_tower")], clip[tower])
+    config = json.loads((work / "stage1_5" / "train_config.json").read_text())
+    assert (config["template"], config["projector"], config["train_vision_tower"]) == \
+        ("plain", str(work / "stage1"), True)
+    assert config["data"] == str(work / "data" / "captions.json")
+    config = json.loads((work / "stage2" / "train_config.json").read_text())
+    assert (config["model"], config["vision_tower"], config["projector"]) == (str(work / "stage1_5"), None, None)
 
 
 def test_the_language_model_knows_the_answer_words(demo):

@@ -269,8 +269,8 @@ def test_recipes_parse(tmp_path):
     for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
         if recipe.name == "mini.yaml":  # the demo's multi-step recipe: its stage sections are TrainConfigs
             mini = load_recipe(recipe)
-            for stage in ("pretrain", "finetune"):
-                assert _train_config(mini, stage, tmp_path).stage == stage
+            assert [_train_config(mini, stage, tmp_path).stage for stage in ("pretrain", "midstage", "finetune")] \
+                == ["pretrain", "finetune", "finetune"]
             continue
         config = load_config(recipe, {"output": str(tmp_path)})
         assert config.stage in ("pretrain", "finetune"), recipe
