@@ -158,11 +158,12 @@ def _corpus(shapes: Path) -> list[str]:
 
 def _tokenizer(recipe: dict, shapes: Path):
     from .data.conversation import conv_templates
+    from .data.shapes import SHORT_ANSWER_SUFFIX
     from .datagen.prompts import DETAIL_INSTRUCTIONS
     from .train.lm import train_tokenizer
 
     extra = [t.system for t in conv_templates.values() if t.system] + list(DETAIL_INSTRUCTIONS)
-    extra += ["USER: ASSISTANT: Human: Assistant: ### <image>"]
+    extra += ["USER: ASSISTANT: Human: Assistant: ### <image>", SHORT_ANSWER_SUFFIX]
     return train_tokenizer(_corpus(shapes) + extra, int(recipe.get("tokenizer", {}).get("vocab_size", 1024)))
 
 

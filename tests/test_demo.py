@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from llava.core.errors import TrainConfigError
+from llava.data.shapes import SHORT_ANSWER_SUFFIX
 from llava.demo import BUNDLED, RECIPE, load_recipe, rebuild, run_demo, summary_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,8 @@ def test_the_language_model_knows_the_answer_words(demo):
     tokenizer = AutoTokenizer.from_pretrained(demo.work / "lm")
     for answer in ("Yes", "No"):  # POPE's answers are in the corpus, so each is one word of the vocabulary
         assert tokenizer.tokenize(answer) == ["▁" + answer]
+    # and LLaVA-1.5's short-answer prompt, asked 8 times a record, costs a token a word, not 20 pieces
+    assert tokenizer.tokenize(SHORT_ANSWER_SUFFIX) == ["▁" + w for w in SHORT_ANSWER_SUFFIX[:-1].split()] + ["."]
 
 
 @pytest.mark.parametrize("init_std", [0.02, 0.2])
