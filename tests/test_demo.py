@@ -11,7 +11,7 @@ import yaml
 
 from llava.core.errors import TrainConfigError
 from llava.data.shapes import SHORT_ANSWER_SUFFIX
-from llava.demo import BUNDLED, RECIPE, load_recipe, rebuild, run_demo, summary_table
+from llava.demo import BUNDLED, RECIPE, _tokenizer, load_recipe, rebuild, run_demo, summary_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def test_stage_1_5_trains_the_whole_model_from_stage_1_and_stage_2_starts_from_i
     lm, clip = load_file(work / "lm" / "model.safetensors"), load_file(work / "clip" / "model.safetensors")
     stage1, mid = load_file(work / "stage1" / "model.safetensors"), load_file(work / "stage1_5" / "model.safetensors")
     attention = "model.layers.0.self_attn.q_proj.weight"
-    tower = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    tower = "vision_model.embeddings.patch_embedding.weight"  # the micro CLIP has one layer, past layer -2
     assert torch.equal(stage1["language_model." + attention], lm[attention])  # LM frozen
     assert not torch.equal(mid["language_model." + attention], lm[attention])
     assert not torch.equal(mid[tower.replace("vision_model", "vision_tower")], clip[tower])
@@ -81,7 +81,9 @@ def test_the_language_model_knows_the_answer_words(demo):
     tokenizer = AutoTokenizer.from_pretrained(demo.work / "lm")
     for answer in ("Yes", "No"):  # POPE's answers are in the corpus, so each is one word of the vocabulary
         assert tokenizer.tokenize(answer) == ["▁" + answer]
-    # and LLaVA-1.5's short-answer prompt, asked 8 times a record, costs a token a word, not 20 pieces
+    # and, at the mini recipe's vocabulary size, LLaVA-1.5's short-answer prompt (8 times a record) is a
+    # token a word, not 20 pieces
+    tokenizer = _tokenizer(load_recipe(RECIPE), demo.work / "shapes")
     assert tokenizer.tokenize(SHORT_ANSWER_SUFFIX) == ["▁" + w for w in SHORT_ANSWER_SUFFIX[:-1].split()] + ["."]
 
 
