@@ -23,7 +23,6 @@ from .core.io import atomic_dir, atomic_write_text
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "mini.yaml"
 BUNDLED = ROOT / "models" / "demo"
-STEPS = ("synth", "clip", "lm", "datagen", "pretrain", "midstage", "finetune", "eval")
 STAGES = {"pretrain": "stage1", "midstage": "stage1_5", "finetune": "stage2"}  # recipe section -> output folder
 
 

@@ -117,10 +117,11 @@ def test_short_answer_records_are_valid_llava_data(world, tmp_path):
 
 
 def test_short_answer_records_ask_yes_no_questions_half_yes_half_no(world):
-    answers = [t["value"] for r in short_answer_records(world, "train") for t in r["conversations"][1::2]]
+    records = short_answer_records(world, "train")
+    answers = [t["value"] for r in records for t in r["conversations"][1::2]]
     assert answers.count("Yes") == answers.count("No") > 20  # the deduplicated POPE splits: about 2 No for 1 Yes
     questions = [(r["image"], t["value"].removeprefix("<image>\n").split("\n")[0])
-                 for r in short_answer_records(world, "train") for t in r["conversations"][0::2]]
+                 for r in records for t in r["conversations"][0::2]]
     assert len(questions) == len(set(questions))  # no question asked twice about one image
 
 
