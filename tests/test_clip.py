@@ -128,6 +128,22 @@ def test_a_llava_checkpoint_is_not_a_clip_model(checkpoints):
 needs_bundled = pytest.mark.skipif(not (BUNDLED_CLIP / "config.json").exists(), reason="no bundled demo model")
 
 
+@pytest.mark.parametrize("std", [None, 0.25])
+def test_position_init_std_sets_the_scale_of_the_vision_position_embeddings(shapes_images, tmp_path, std):
+    from transformers import CLIPModel
+
+    from llava.train.clip import train_clip
+
+    scenes = load_scenes(shapes_images, "test")[:8]
+    pairs = [(str(shapes_images / s.file_name), [f"a photo of a {s.objects[0].shape}"]) for s in scenes]
+    tokenizer = with_eos(train_tokenizer([c for _, cs in pairs for c in cs] * 10, 120), True)
+    config = ClipConfig(image_size=32, patch_size=16, vision_hidden=32, vision_layers=1, text_hidden=32,
+                        text_layers=1, projection_dim=16, batch_size=4, steps=1, lr=1e-9, position_init_std=std)
+    train_clip(pairs, tokenizer, config, tmp_path / "clip")
+    weight = CLIPModel.from_pretrained(tmp_path / "clip").vision_model.embeddings.position_embedding.weight
+    assert abs(weight.std().item() - (std or 0.02)) < 0.3 * (std or 0.02)
+
+
 @needs_bundled
 def test_bundled_clip_zero_shot(shapes_images):
     """What the tiny CLIP has learnt: shape names, >= 90% zero-shot on one-object scenes it never saw."""

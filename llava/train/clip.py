@@ -40,6 +40,7 @@ class ClipConfig:
     weight_decay: float = 0.1
     hard_negatives: bool = True  # NegCLIP: each caption also competes with a copy that has one word swapped
     curriculum_steps: int = 0    # with curriculum pairs: the first steps draw only from them, later ones half
+    position_init_std: float | None = None  # initial std of the vision position embeddings (None: transformers')
     seed: int = 0
 
 
@@ -109,6 +110,8 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
                          image_size=config.image_size, patch_size=config.patch_size)
     model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config,
                                  projection_dim=config.projection_dim))
+    if config.position_init_std is not None:
+        torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight, std=config.position_init_std)
     processor = image_processor_for(config)
     everything = list(pairs) + list(curriculum)
     pixels = torch.from_numpy(np.stack([processor.preprocess_one(load_image(path)) for path, _ in
