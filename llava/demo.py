@@ -147,7 +147,7 @@ def _captions(shapes: Path, split: str) -> list[tuple[str, list[str]]]:
 
 
 def _corpus(shapes: Path) -> list[str]:
-    """Shapes-world text: the train captions and the train questions with their answers, the POPE
+    """The tokenizer's corpus: the train captions and the train questions with their answers, the POPE
     ones included (without them "Yes" and "No" are not words of the tokenizer: "No" became ▁ N o)."""
     from .data.shapes import questions_with_answers
 
@@ -192,10 +192,13 @@ def _clip(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
 
 
 def _lm(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
+    from .data.shapes import scene_documents
     from .train.lm import LMConfig, pretrain_lm
 
     config = _dataclass_from(LMConfig, recipe["lm"], "lm")
-    stats = pretrain_lm(_corpus(shapes), _tokenizer(recipe, shapes), config, output, progress=progress)
+    texts = [c for _, captions in _captions(shapes, "train") for c in captions]
+    texts += scene_documents(shapes, "train", seed=int(recipe.get("seed", 0)))
+    stats = pretrain_lm(texts, _tokenizer(recipe, shapes), config, output, progress=progress)
     return f"{stats['params'] / 1e6:.1f}M params, {stats['tokens']} corpus tokens, loss {stats['loss']:.3f}"
 
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ from PIL import Image
 
 from llava.core.errors import DataError
 from llava.data.dataset import LlavaDataset
-from llava.data.shapes import COLOURS, SHAPES, SHORT_ANSWER_SUFFIX, load_scenes, short_answer_records, synth
+from llava.data.shapes import (COLOURS, SHAPES, SHORT_ANSWER_SUFFIX, load_scenes, position_phrase, scene_documents,
+                               short_answer_records, synth)
 
 
 def _digest(folder):
@@ -123,6 +125,26 @@ def test_short_answer_records_ask_yes_no_questions_half_yes_half_no(world):
     questions = [(r["image"], t["value"].removeprefix("<image>\n").split("\n")[0])
                  for r in records for t in r["conversations"][0::2]]
     assert len(questions) == len(set(questions))  # no question asked twice about one image
+
+
+def test_scene_documents_describe_the_scene_then_ask_about_it(world):
+    """The LM's reading exercises: each document names every object of one scene (colour, shape,
+    position) before it asks; together they ask every short-answer question of the split once, and as
+    many existence questions answered No as Yes."""
+    documents = scene_documents(world, "train", questions_per_document=5)
+    objects = re.compile(rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) (?:at|in|on) the ([a-z]+(?: left| right)?)")
+    scenes = {frozenset((o.colour, o.shape, o.position) for o in s.objects) for s in load_scenes(world, "train")}
+    described = set()
+    for document in documents:
+        description, *questions = document.split(". ")
+        described.add(frozenset(objects.findall(description)))
+        assert "?" not in description and 1 <= len(questions) <= 5 and all("? " in q for q in questions)
+    assert described == scenes
+    asked = [part.split("? ")[0] + "?" for d in documents for part in d.split(". ")[1:]]
+    short = [json.loads(line)["text"] for line in (world / "questions" / "short_train.jsonl").read_text().splitlines()]
+    assert sorted(q for q in asked if not q.startswith("Is there")) == sorted(short)
+    text = " ".join(documents)
+    assert text.count("? Yes.") == text.count("? No.") > 10
 
 
 def test_single_split_has_one_object_per_scene_and_its_own_ids(world, tmp_path):

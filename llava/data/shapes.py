@@ -381,6 +381,28 @@ def questions_with_answers(root: str | Path, split: str) -> list[tuple[str, str,
     return out
 
 
+def scene_documents(root: str | Path, split: str, questions_per_document: int = 6, seed: int = 0) -> list[str]:
+    """Text-only reading exercises for the language model's pretraining: a description naming every object
+    of a scene with its colour, shape and position, then some of the scene's short-answer and POPE
+    questions with their answers ("A red circle at the top left and a blue square in the center. What
+    colour is the square? Blue. ..."), as many "No" as "Yes". LLaVA's LLM can already answer questions
+    about a scene described in words; this is where the mini LM learns to, before it ever sees an image."""
+    rng = random.Random(seed)
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    for image, question, answer in questions_with_answers(root, split):
+        by_image.setdefault(image, []).append((question, answer))
+    out = []
+    for scene in load_scenes(root, split):
+        pairs = _as_many_no_as_yes(list(dict.fromkeys(by_image.get(scene.file_name, []))), rng)
+        rng.shuffle(pairs)
+        for start in range(0, len(pairs), questions_per_document):
+            parts = [f"{_article(_object_words(obj, rng))} {position_phrase(obj.position)}"
+                     for obj in rng.sample(scene.objects, len(scene.objects))]
+            asked = [f"{question} {answer}." for question, answer in pairs[start:start + questions_per_document]]
+            out.append(" ".join([f"{join_words(parts).capitalize()}.", *asked]))
+    return out
+
+
 def _as_many_no_as_yes(pairs: list[tuple[str, str]], rng: random.Random) -> list[tuple[str, str]]:
     """Drop surplus "No" questions at random. The three POPE splits ask about the same present objects
     but about different absent ones, so once duplicates are gone an image has up to three "No" for each
