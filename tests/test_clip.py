@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from llava.cli import main
 from llava.clip.classify import classify, shape_accuracy
@@ -151,6 +152,26 @@ def test_bundled_clip_zero_shot(shapes_images):
     single = [s for s in load_scenes(shapes_images, "test") if len(s.objects) == 1]
     shapes = shape_accuracy(encoder, shapes_images, "test")
     assert shapes["n"] == len(single) >= 10 and shapes["accuracy"] >= 0.9
+
+
+@needs_bundled
+def test_bundled_clip_patch_tokens_tell_their_grid_cell(tmp_path):
+    """LLaVA reads the image tokens of vision layer -2: each must still say where in the picture it lies,
+    or "Where is the red circle?" has no answer. A linear (ridge) read-out of the cell (0-8) from a patch
+    token, fitted on 160 images, holds on 40 others: 89% (19% with transformers' 0.02 position init)."""
+    synth(tmp_path, {"test": 200}, seed=12)
+    encoder = ClipEncoder.load(BUNDLED_CLIP)
+    scenes = load_scenes(tmp_path, "test")
+    pixels = torch.from_numpy(np.stack([encoder.image_processor.preprocess_one(
+        Image.open(tmp_path / s.file_name).convert("RGB")) for s in scenes]))
+    with torch.no_grad():
+        tokens = encoder.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    cells = tokens.shape[1]
+    features = torch.cat([tokens, torch.ones(*tokens.shape[:2], 1)], dim=-1)  # with a bias
+    fit, held = features[:160].reshape(-1, features.shape[-1]), features[160:].reshape(-1, features.shape[-1])
+    weights = torch.linalg.solve(fit.T @ fit + 10 * torch.eye(fit.shape[1]), fit.T @ torch.eye(cells).repeat(160, 1))
+    accuracy = ((held @ weights).argmax(-1) == torch.arange(cells).repeat(len(scenes) - 160)).float().mean()
+    assert cells == 9 and accuracy >= 0.7
 
 
 @needs_bundled
