@@ -10,8 +10,8 @@ from PIL import Image
 
 from llava.core.errors import DataError
 from llava.data.dataset import LlavaDataset
-from llava.data.shapes import (COLOURS, SHAPES, SHORT_ANSWER_SUFFIX, load_scenes, position_phrase, scene_documents,
-                               short_answer_records, synth)
+from llava.data.shapes import (COLOURS, SHAPES, SHORT_ANSWER_SUFFIX, load_scenes, scene_documents, short_answer_records,
+                               synth)
 
 
 def _digest(folder):
