@@ -146,13 +146,17 @@ def _captions(shapes: Path, split: str) -> list[tuple[str, list[str]]]:
     return [(str(shapes / image["file_name"]), by_image.get(image["id"], [])) for image in data["images"]]
 
 
+def _caption_texts(shapes: Path, split: str) -> list[str]:
+    return [caption for _, captions in _captions(shapes, split) for caption in captions]
+
+
 def _corpus(shapes: Path) -> list[str]:
     """The tokenizer's corpus: the train captions and the train questions with their answers, the POPE
     ones included (without them "Yes" and "No" are not words of the tokenizer: "No" became ▁ N o)."""
     from .data.shapes import questions_with_answers
 
-    texts = [c for _, captions in _captions(shapes, "train") for c in captions]
-    return texts + [f"{question} {answer}." for _, question, answer in questions_with_answers(shapes, "train")]
+    questions = [f"{question} {answer}." for _, question, answer in questions_with_answers(shapes, "train")]
+    return _caption_texts(shapes, "train") + questions
 
 
 def _tokenizer(recipe: dict, shapes: Path):
@@ -196,8 +200,7 @@ def _lm(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
     from .train.lm import LMConfig, pretrain_lm
 
     config = _dataclass_from(LMConfig, recipe["lm"], "lm")
-    texts = [c for _, captions in _captions(shapes, "train") for c in captions]
-    texts += scene_documents(shapes, "train", seed=int(recipe.get("seed", 0)))
+    texts = _caption_texts(shapes, "train") + scene_documents(shapes, "train", seed=int(recipe.get("seed", 0)))
     stats = pretrain_lm(texts, _tokenizer(recipe, shapes), config, output, progress=progress)
     return f"{stats['params'] / 1e6:.1f}M params, {stats['tokens']} corpus tokens, loss {stats['loss']:.3f}"
 

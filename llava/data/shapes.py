@@ -178,29 +178,31 @@ def join_words(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _listing(objects: list[ShapeObject], rng: random.Random, with_positions: bool, colours: bool = True) -> str:
+    """The objects in a random order, e.g. "a small red circle at the top left and a blue square"."""
+    parts = []
+    for obj in rng.sample(objects, len(objects)):
+        words = _article(_object_words(obj, rng) if colours else obj.shape)
+        parts.append(f"{words} {position_phrase(obj.position)}" if with_positions else words)
+    return join_words(parts)
+
+
 def captions(scene: Scene, rng: random.Random, count: int = 5) -> list[str]:
     """`count` different phrasings of what the scene shows (as COCO has five captions per image)."""
     objects = scene.objects
     n = len(objects)
-
-    def listing(with_positions: bool, colours: bool = True) -> str:
-        parts = []
-        for obj in rng.sample(objects, n):
-            words = _article(_object_words(obj, rng) if colours else obj.shape)
-            parts.append(f"{words} {position_phrase(obj.position)}" if with_positions else words)
-        return join_words(parts)
-
     noun = "shape" if n == 1 else "shapes"
     options = [
-        lambda: f"{listing(True).capitalize()}.",
-        lambda: f"{listing(False).capitalize()} on {scene.background}.",
-        lambda: f"{NUMBERS[n].capitalize()} {noun} on {scene.background}: {listing(False)}.",
-        lambda: f"A picture of {listing(True)}.",
-        lambda: f"a photo of {listing(False)}",
-        lambda: f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} {noun} in this image: {listing(True)}.",
-        lambda: f"{listing(False, colours=False).capitalize()}.",
-        lambda: f"a photo of {listing(False, colours=False)}",
-        lambda: f"{listing(True, colours=False).capitalize()}.",
+        lambda: f"{_listing(objects, rng, True).capitalize()}.",
+        lambda: f"{_listing(objects, rng, False).capitalize()} on {scene.background}.",
+        lambda: f"{NUMBERS[n].capitalize()} {noun} on {scene.background}: {_listing(objects, rng, False)}.",
+        lambda: f"A picture of {_listing(objects, rng, True)}.",
+        lambda: f"a photo of {_listing(objects, rng, False)}",
+        lambda: (f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} {noun} in this image: "
+                 f"{_listing(objects, rng, True)}."),
+        lambda: f"{_listing(objects, rng, False, colours=False).capitalize()}.",
+        lambda: f"a photo of {_listing(objects, rng, False, colours=False)}",
+        lambda: f"{_listing(objects, rng, True, colours=False).capitalize()}.",
     ]
     out: list[str] = []
     for _ in range(50):
@@ -381,6 +383,15 @@ def questions_with_answers(root: str | Path, split: str) -> list[tuple[str, str,
     return out
 
 
+def _questions_by_image(root: str | Path, split: str) -> dict[str, list[tuple[str, str]]]:
+    """Each image's (question, Answer) pairs, short-answer then POPE, each pair once (the POPE splits repeat
+    their present objects)."""
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    for image, question, answer in questions_with_answers(root, split):
+        by_image.setdefault(image, []).append((question, answer))
+    return {image: list(dict.fromkeys(pairs)) for image, pairs in by_image.items()}
+
+
 def scene_documents(root: str | Path, split: str, questions_per_document: int = 6, seed: int = 0) -> list[str]:
     """Text-only reading exercises for the language model's pretraining: a description naming every object
     of a scene with its colour, shape and position, then some of the scene's short-answer and POPE
@@ -388,18 +399,15 @@ def scene_documents(root: str | Path, split: str, questions_per_document: int = 
     colour is the square? Blue. ..."), as many "No" as "Yes". LLaVA's LLM can already answer questions
     about a scene described in words; this is where the mini LM learns to, before it ever sees an image."""
     rng = random.Random(seed)
-    by_image: dict[str, list[tuple[str, str]]] = {}
-    for image, question, answer in questions_with_answers(root, split):
-        by_image.setdefault(image, []).append((question, answer))
+    by_image = _questions_by_image(root, split)
     out = []
     for scene in load_scenes(root, split):
-        pairs = _as_many_no_as_yes(list(dict.fromkeys(by_image.get(scene.file_name, []))), rng)
+        pairs = _as_many_no_as_yes(by_image.get(scene.file_name, []), rng)
         rng.shuffle(pairs)
         for start in range(0, len(pairs), questions_per_document):
-            parts = [f"{_article(_object_words(obj, rng))} {position_phrase(obj.position)}"
-                     for obj in rng.sample(scene.objects, len(scene.objects))]
+            description = f"{_listing(scene.objects, rng, with_positions=True).capitalize()}."
             asked = [f"{question} {answer}." for question, answer in pairs[start:start + questions_per_document]]
-            out.append(" ".join([f"{join_words(parts).capitalize()}.", *asked]))
+            out.append(" ".join([description, *asked]))
     return out
 
 
@@ -417,13 +425,10 @@ def short_answer_records(root: str | Path, split: str, questions_per_record: int
     LLaVA-1.5 turns its academic VQA data into conversations: each question with the
     short-answer suffix, several questions about one image in one multi-turn record. Yes/no questions
     are half yes, half no, as in POPE itself."""
-    by_image: dict[str, list[tuple[str, str]]] = {}
-    for image, question, answer in questions_with_answers(root, split):
-        by_image.setdefault(image, []).append((question, answer))
     rng = random.Random(seed)
     records = []
-    for image, pairs in by_image.items():
-        pairs = _as_many_no_as_yes(list(dict.fromkeys(pairs)), rng)
+    for image, pairs in _questions_by_image(root, split).items():
+        pairs = _as_many_no_as_yes(pairs, rng)
         rng.shuffle(pairs)
         for start in range(0, len(pairs), questions_per_record):
             turns = []
