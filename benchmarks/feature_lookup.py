@@ -3,7 +3,8 @@ against perfect image tokens, measured in one run: held-out accuracy after the s
 
 The task is benchmarks/lookup_learning.py's: 9 image tokens, one per cell of the shapes world's 3x3 grid,
 then a question naming a shape (one that is alone of its shape in the scene), --filler tokens standing for
-the rest of the prompt, and the model must answer that shape's colour. The scenes are real ones from a
+the rest of the prompt, and the model must answer that shape's colour (or, with --ask shape, the other way
+round: the shape of the one object of a named colour). The scenes are real ones from a
 `llava synth` folder, and the image tokens are either
   perfect:  each cell's token the sum of a colour and a shape embedding (an "empty" one without object), or
   features: the vision tower's patch features at --layer (LLaVA's vision_feature_layer), through a fresh
@@ -32,7 +33,7 @@ from llava.data.shapes import COLOURS, SHAPES, load_scenes, position_name
 
 CELLS = {position_name(row, column): 3 * row + column for row in range(3) for column in range(3)}
 COLOUR_NAMES = list(COLOURS)
-# token ids: 0 <s>, 1 empty cell, 2 "what colour", 3 answer marker, then colours, shapes, fillers
+# token ids: 0 <s>, 1 empty cell, 2 "what colour" / "what shape", 3 answer marker, then colours, shapes, fillers
 FIRST_COLOUR, FIRST_SHAPE = 4, 4 + len(COLOURS)
 FIRST_FILLER = FIRST_SHAPE + len(SHAPES)
 
@@ -48,16 +49,18 @@ def grids(scenes) -> list[list[tuple[int, int] | None]]:
     return out
 
 
-def questions(grid_list, count: int, rng: random.Random) -> list[tuple[int, int, int]]:
-    """(scene index, shape index, colour answer) about shapes that are alone of their shape in the scene."""
+def questions(grid_list, count: int, rng: random.Random, ask: str) -> list[tuple[int, int, int]]:
+    """(scene index, token named, token answered): the colour of a shape alone of its shape in the scene,
+    or (ask="shape") the shape of an object alone of its colour."""
     out = []
     while len(out) < count:
         i = rng.randrange(len(grid_list))
-        objects = [cell for cell in grid_list[i] if cell]
-        shapes = [shape for _, shape in objects]
-        colour, shape = rng.choice(objects)
-        if shapes.count(shape) == 1:
-            out.append((i, shape, colour))
+        objects = [(FIRST_COLOUR + c, FIRST_SHAPE + s) for c, s in (cell for cell in grid_list[i] if cell)]
+        answer, named = rng.choice(objects)
+        if ask == "shape":
+            named, answer = answer, named
+        if [pair[0 if ask == "shape" else 1] for pair in objects].count(named) == 1:
+            out.append((i, named, answer))
     return out
 
 
@@ -112,14 +115,14 @@ def accuracy_after(steps: int, train, test, grid_list, features, batch_size: int
             image = embed(torch.tensor(cells)).sum(2)
         else:
             image = projector(features[scenes])
-        question = torch.tensor([[2, FIRST_SHAPE + shape] + list(range(FIRST_FILLER, FIRST_FILLER + filler)) + [3]
-                                 for _, shape, _ in batch])
+        question = torch.tensor([[2, named] + list(range(FIRST_FILLER, FIRST_FILLER + filler)) + [3]
+                                 for _, named, _ in batch])
         inputs = torch.cat([embed(torch.zeros(len(batch), 1, dtype=torch.long)), image, embed(question)], dim=1)
         return model(inputs_embeds=inputs).logits[:, -1]
 
     for step in range(steps):
         batch = train[step * batch_size:(step + 1) * batch_size]
-        answers = torch.tensor([FIRST_COLOUR + colour for _, _, colour in batch])
+        answers = torch.tensor([answer for _, _, answer in batch])
         loss = torch.nn.functional.cross_entropy(logits(batch), answers)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -127,7 +130,7 @@ def accuracy_after(steps: int, train, test, grid_list, features, batch_size: int
         optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         predicted = logits(test).argmax(-1)
-    return (predicted == torch.tensor([FIRST_COLOUR + colour for _, _, colour in test])).float().mean().item()
+    return (predicted == torch.tensor([answer for _, _, answer in test])).float().mean().item()
 
 
 def main() -> None:
@@ -135,6 +138,8 @@ def main() -> None:
     parser.add_argument("--shapes", required=True, help="a `llava synth` folder (its train split)")
     parser.add_argument("--model", required=True, help="a CLIPModel folder or a llava-hf checkpoint")
     parser.add_argument("--layer", type=int, default=-2, help="vision_feature_layer")
+    parser.add_argument("--ask", choices=("colour", "shape"), default="colour",
+                        help="colour: 'what colour is the <shape>?'; shape: 'what shape is the <colour> one?'")
     parser.add_argument("--scenes", type=int, default=3000, help="train scenes to use; 10%% are held out")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -147,8 +152,9 @@ def main() -> None:
     grid_list = grids(scenes)
     held_out = len(scenes) // 10
     rng = random.Random(args.seed)
-    train = [(i + held_out, s, c) for i, s, c in questions(grid_list[held_out:], args.steps * args.batch_size, rng)]
-    test = questions(grid_list[:held_out], 500, rng)
+    train = [(i + held_out, named, answer) for i, named, answer
+             in questions(grid_list[held_out:], args.steps * args.batch_size, rng, args.ask)]
+    test = questions(grid_list[:held_out], 500, rng, args.ask)
     start = time.perf_counter()
     features = tower_features(args.model, shapes, scenes, args.layer)
     print(f"{len(scenes)} scenes ({held_out} held out), features {tuple(features.shape)} at layer {args.layer} "
@@ -158,11 +164,11 @@ def main() -> None:
         start = time.perf_counter()
         results[name] = accuracy_after(args.steps, train, test, grid_list, tokens, args.batch_size, args.filler,
                                        args.lr, args.seed)
-        print(f"{name}: held-out colour accuracy {results[name]:.1%} after {args.steps} steps "
+        print(f"{name}: held-out {args.ask} accuracy {results[name]:.1%} after {args.steps} steps "
               f"({time.perf_counter() - start:.0f} s)")
     perfect, real = results.values()
     print(f"ratio: the tower's features reach {real / perfect:.2f} of the perfect tokens' accuracy "
-          f"(chance {1 / len(COLOURS):.1%})")
+          f"(chance {1 / (len(COLOURS) if args.ask == 'colour' else len(SHAPES)):.1%})")
 
 
 if __name__ == "__main__":
