@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from llava.core.errors import DataError
 from llava.data.images import load_image
 from llava.data.shapes import COLOURS, SHAPES, load_scenes, position_name
 
@@ -56,10 +57,9 @@ def questions(grid_list, count: int, rng: random.Random, ask: str) -> list[tuple
     while len(out) < count:
         i = rng.randrange(len(grid_list))
         objects = [(FIRST_COLOUR + c, FIRST_SHAPE + s) for c, s in (cell for cell in grid_list[i] if cell)]
-        answer, named = rng.choice(objects)
-        if ask == "shape":
-            named, answer = answer, named
-        if [pair[0 if ask == "shape" else 1] for pair in objects].count(named) == 1:
+        colour, shape = rng.choice(objects)
+        named, answer = (colour, shape) if ask == "shape" else (shape, colour)
+        if sum(named in pair for pair in objects) == 1:  # colour and shape ids never overlap
             out.append((i, named, answer))
     return out
 
@@ -148,7 +148,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     shapes = Path(args.shapes)
-    scenes = load_scenes(shapes, "train")[:args.scenes]
+    if not Path(args.model).is_dir():
+        raise SystemExit(f"{args.model}: not a folder (a CLIPModel folder or a llava-hf checkpoint)")
+    try:
+        scenes = load_scenes(shapes, "train")[:args.scenes]
+    except DataError as e:
+        raise SystemExit(str(e)) from None
     grid_list = grids(scenes)
     held_out = len(scenes) // 10
     rng = random.Random(args.seed)
