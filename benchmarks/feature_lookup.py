@@ -21,7 +21,6 @@ how much of the mini LLaVA's slow learning is down to the image tokens rather th
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -66,7 +65,6 @@ def questions(grid_list, count: int, rng: random.Random, ask: str) -> list[tuple
 
 def tower_features(model: str, shapes: Path, scenes, layer: int) -> torch.Tensor:
     """(scenes, 9, channels): the vision tower's patch features at `layer`, without the CLS position."""
-    from llava.data.image_processor import ImageProcessor
     from llava.model.vision import encode_images
 
     if (Path(model) / "processor_config.json").exists():
@@ -75,12 +73,14 @@ def tower_features(model: str, shapes: Path, scenes, layer: int) -> torch.Tensor
         llava, processor = load_pretrained(model, device="cpu", dtype="float32")
         tower, image_processor = llava.vision_tower, processor.image_processor
     else:
-        from transformers import CLIPVisionModel
-        from transformers.utils import logging
+        from llava.clip.encoder import ClipEncoder
+        from llava.core.errors import CheckpointError
 
-        logging.set_verbosity_error()  # a CLIPModel folder also holds the text side, which is not loaded here
-        tower = CLIPVisionModel.from_pretrained(model)
-        image_processor = ImageProcessor.from_dict(json.loads((Path(model) / "preprocessor_config.json").read_text()))
+        try:
+            encoder = ClipEncoder.load(model)
+        except CheckpointError as e:
+            raise SystemExit(str(e)) from None
+        tower, image_processor = encoder.model.vision_model, encoder.image_processor
     tower.eval()
     pixels = torch.stack([torch.from_numpy(image_processor.preprocess_one(load_image(shapes / s.file_name)))
                           for s in scenes])
