@@ -179,6 +179,22 @@ def _shape_names(shapes: Path, split: str) -> list[tuple[str, list[str]]]:
             for scene in load_scenes(shapes, split) if len(scene.objects) == 1]
 
 
+def _cell_phrases(shapes: Path, splits: tuple[str, ...]) -> dict[str, list[str]]:
+    """Per image, per cell of the 3x3 grid (row by row): the phrase of its object ("a small red circle") or
+    "background". The region-text pairs of the CLIP's region term, one per image token of a 32 px patch."""
+    from .data.shapes import load_scenes, position_name
+
+    cell_of = {position_name(row, column): 3 * row + column for row in range(3) for column in range(3)}
+    out = {}
+    for split in splits:
+        for scene in load_scenes(shapes, split):
+            cells = ["background"] * 9
+            for obj in scene.objects:
+                cells[cell_of[obj.position]] = f"a {obj.size} {obj.name}"
+            out[str(shapes / scene.file_name)] = cells
+    return out
+
+
 def _clip(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
     from .clip.classify import shape_accuracy
     from .data.shapes import COLOURS, SHAPES
@@ -187,8 +203,10 @@ def _clip(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
 
     config = _dataclass_from(ClipConfig, recipe["clip"], "clip")
     curriculum = _shape_names(shapes, "single") if config.curriculum_steps else []
+    regions = _cell_phrases(shapes, ("train", "single")) if config.region_weight else None
     stats = train_clip(_captions(shapes, "train"), with_eos(_tokenizer(recipe, shapes), True), config, output,
-                       progress=progress, swap_groups=(SHAPES, tuple(COLOURS)), curriculum=curriculum)
+                       progress=progress, swap_groups=(SHAPES, tuple(COLOURS)), curriculum=curriculum,
+                       regions=regions)
     accuracy = shape_accuracy(output, shapes, "test")
     atomic_write_text(output / "zero_shot.json", json.dumps(accuracy, indent=2))
     return (f"{stats['params'] / 1e6:.1f}M params, loss {stats['loss']:.3f}, zero-shot shape accuracy "
