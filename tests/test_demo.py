@@ -20,7 +20,7 @@ def _micro_recipe(path: Path) -> Path:
     recipe = load_recipe(RECIPE)
     recipe["synth"].update(train=48, val=4, test=6, single=12)
     recipe["clip"].update(vision_hidden=32, text_hidden=32, vision_layers=1, text_layers=1, projection_dim=16,
-                          batch_size=16, steps=3, curriculum_steps=1)
+                          batch_size=16, steps=3, curriculum_steps=1, region_weight=1.0)  # the region path too
     recipe["lm"].update(hidden_size=32, layers=1, intermediate_size=64, batch_size=4, steps=3, block_size=64)
     recipe["tokenizer"]["vocab_size"] = 300
     for stage in ("pretrain", "midstage", "finetune"):
@@ -56,20 +56,23 @@ def test_every_step_runs_and_writes_standard_formats(demo):
         assert word in table
 
 
-def test_stage_1_5_trains_the_whole_model_from_stage_1_and_stage_2_starts_from_it(demo):
+def test_stage_1_5_trains_projector_and_lm_from_stage_1_and_stage_2_starts_from_it(demo):
     from safetensors.torch import load_file
 
     work = demo.work
     lm, clip = load_file(work / "lm" / "model.safetensors"), load_file(work / "clip" / "model.safetensors")
     stage1, mid = load_file(work / "stage1" / "model.safetensors"), load_file(work / "stage1_5" / "model.safetensors")
+    final = load_file(work / "stage2" / "model.safetensors")
     attention = "model.layers.0.self_attn.q_proj.weight"
-    tower = "vision_model.embeddings.patch_embedding.weight"  # the micro CLIP has one layer, past layer -2
+    tower = "vision_model.embeddings.patch_embedding.weight"
     assert torch.equal(stage1["language_model." + attention], lm[attention])  # LM frozen
     assert not torch.equal(mid["language_model." + attention], lm[attention])
-    assert not torch.equal(mid[tower.replace("vision_model", "vision_tower")], clip[tower])
+    # the region-trained CLIP's tokens stay as they are, through stage 1.5 and stage 2
+    assert torch.equal(mid[tower.replace("vision_model", "vision_tower")], clip[tower])
+    assert torch.equal(final[tower.replace("vision_model", "vision_tower")], clip[tower])
     config = json.loads((work / "stage1_5" / "train_config.json").read_text())
     assert (config["template"], config["projector"], config["train_vision_tower"]) == \
-        ("plain", str(work / "stage1"), True)
+        ("plain", str(work / "stage1"), False)
     assert config["data"] == str(work / "data" / "captions.json")
     config = json.loads((work / "stage2" / "train_config.json").read_text())
     assert (config["model"], config["vision_tower"], config["projector"]) == (str(work / "stage1_5"), None, None)
