@@ -120,8 +120,8 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
     `regions` maps each image path (of `pairs` and `curriculum`) to one phrase per patch, row by row: what
     that patch shows ("a small red circle", "background"). With `config.region_weight` > 0 each step adds
     `_region_loss`: the patch tokens then say what lies in their own cell, not only the class token what
-    the image shows, and LLaVA reads those tokens. Where web-scale CLIPs get such local features from
-    their data (RegionCLIP adds this term for them), a CLIP trained on 7,000 shapes images does not.
+    the image shows, and LLaVA reads those tokens. A web-scale CLIP's patch tokens carry what is in their
+    patch (RegionCLIP sharpens that with this term); a CLIP trained on 7,000 shapes images got little of it.
 
     Saves model, tokenizer and preprocessor_config.json to `output`. Returns {"loss": ..., "params": ...}."""
     import torch.nn.functional as F
