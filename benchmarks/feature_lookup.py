@@ -29,9 +29,7 @@ import torch
 
 from llava.core.errors import DataError
 from llava.data.images import load_image
-from llava.data.shapes import COLOURS, SHAPES, load_scenes, position_name
-
-CELLS = {position_name(row, column): 3 * row + column for row in range(3) for column in range(3)}
+from llava.data.shapes import CELLS, COLOURS, SHAPES, load_scenes
 COLOUR_NAMES = list(COLOURS)
 # token ids: 0 <s>, 1 empty cell, 2 "what colour" / "what shape", 3 answer marker, then colours, shapes, fillers
 FIRST_COLOUR, FIRST_SHAPE = 4, 4 + len(COLOURS)

@@ -182,15 +182,14 @@ def _shape_names(shapes: Path, split: str) -> list[tuple[str, list[str]]]:
 def _cell_phrases(shapes: Path, splits: tuple[str, ...]) -> dict[str, list[str]]:
     """Per image, per cell of the 3x3 grid (row by row): the phrase of its object ("a small red circle") or
     "background". The region-text pairs of the CLIP's region term, one per image token of a 32 px patch."""
-    from .data.shapes import load_scenes, position_name
+    from .data.shapes import CELLS, load_scenes
 
-    cell_of = {position_name(row, column): 3 * row + column for row in range(3) for column in range(3)}
     out = {}
     for split in splits:
         for scene in load_scenes(shapes, split):
             cells = ["background"] * 9
             for obj in scene.objects:
-                cells[cell_of[obj.position]] = f"a {obj.size} {obj.name}"
+                cells[CELLS[obj.position]] = f"a {obj.size} {obj.name}"
             out[str(shapes / scene.file_name)] = cells
     return out
 

@@ -148,17 +148,15 @@ def test_position_init_std_sets_the_scale_of_the_vision_position_embeddings(shap
 def _patch_phrase_predictions(folder, root, scenes, phrases):
     """Per scene, per patch: the index of the phrase whose text embedding is nearest the patch token
     (final layer norm and visual projection, as for the class token)."""
+    from llava.train.clip import patch_embeddings
+
     encoder = ClipEncoder.load(folder)
-    model = encoder.model
     pixels = torch.from_numpy(np.stack([encoder.image_processor.preprocess_one(
         Image.open(root / s.file_name).convert("RGB")) for s in scenes]))
-    tokens = encoder.tokenizer(phrases, padding=True, return_tensors="pt")
     with torch.no_grad():
-        patches = model.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]
-        patches = model.visual_projection(model.vision_model.post_layernorm(patches))
-        texts = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        texts = getattr(texts, "pooler_output", texts)
-    return (torch.nn.functional.normalize(patches, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).T).argmax(-1)
+        patches = patch_embeddings(encoder.model, encoder.model.vision_model(pixel_values=pixels).last_hidden_state)
+    texts = torch.from_numpy(encoder.embed_texts(phrases))
+    return (torch.nn.functional.normalize(patches, dim=-1) @ texts.T).argmax(-1)
 
 
 def test_region_term_makes_patch_tokens_name_their_cell(tmp_path):

@@ -45,6 +45,9 @@ def position_name(row: int, column: int) -> str:
     return f"{ROWS[row]} {COLUMNS[column]}"
 
 
+CELLS = {position_name(row, column): 3 * row + column for row in range(3) for column in range(3)}  # name -> 0-8
+
+
 def position_phrase(position: str) -> str:
     """'at the top left', 'in the center', 'on the left', 'at the top'."""
     if position == "center":

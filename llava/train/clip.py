@@ -79,6 +79,13 @@ def _contrastive_loss(image_embeds, text_embeds, scale, positives):
     return -((targets * per_image).sum(1).mean() + (text_targets * per_text).sum(1).mean()) / 2
 
 
+def patch_embeddings(model, last_hidden_state):
+    """A CLIPModel's patch tokens (`last_hidden_state` of its vision model, class token first) taken
+    through the final layer norm and the visual projection as the class token is: (images, patches,
+    projection_dim), not normalised. What the region term matches against the phrases."""
+    return model.visual_projection(model.vision_model.post_layernorm(last_hidden_state[:, 1:]))
+
+
 def _region_loss(patch_embeds, phrase_embeds, scale, labels):
     """RegionCLIP's region-text term (Zhong et al. 2022) with patches for regions: each patch token, taken
     through the final layer norm and the visual projection as the class token is, is classified against
@@ -195,7 +202,7 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
             phrase_embeds = model.get_text_features(input_ids=phrase_tokens["input_ids"],
                                                     attention_mask=phrase_tokens["attention_mask"])
             phrase_embeds = F.normalize(getattr(phrase_embeds, "pooler_output", phrase_embeds), dim=-1)
-            patch_embeds = model.visual_projection(model.vision_model.post_layernorm(vision.last_hidden_state[:, 1:]))
+            patch_embeds = patch_embeddings(model, vision.last_hidden_state)
             loss = loss + config.region_weight * _region_loss(F.normalize(patch_embeds, dim=-1), phrase_embeds,
                                                               model.logit_scale.exp(), cell_labels[rows])
         loss.backward()
