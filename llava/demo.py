@@ -196,16 +196,18 @@ def _cell_phrases(shapes: Path, splits: tuple[str, ...]) -> dict[str, list[str]]
 
 def _clip(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
     from .clip.classify import shape_accuracy
-    from .data.shapes import COLOURS, SHAPES
+    from .data.shapes import CELLS, COLOURS, SHAPES, position_phrase
     from .train.clip import ClipConfig, train_clip
     from .train.lm import with_eos
 
     config = _dataclass_from(ClipConfig, recipe["clip"], "clip")
     curriculum = _shape_names(shapes, "single") if config.curriculum_steps else []
     regions = _cell_phrases(shapes, ("train", "single")) if config.region_weight else None
+    # one place phrase per patch, row by row as CELLS runs
+    places = [position_phrase(name) for name in CELLS] if config.place_weight else None
     stats = train_clip(_captions(shapes, "train"), with_eos(_tokenizer(recipe, shapes), True), config, output,
                        progress=progress, swap_groups=(SHAPES, tuple(COLOURS)), curriculum=curriculum,
-                       regions=regions)
+                       regions=regions, places=places)
     accuracy = shape_accuracy(output, shapes, "test")
     atomic_write_text(output / "zero_shot.json", json.dumps(accuracy, indent=2))
     return (f"{stats['params'] / 1e6:.1f}M params, loss {stats['loss']:.3f}, zero-shot shape accuracy "

@@ -187,7 +187,29 @@ def test_region_term_makes_patch_tokens_name_their_cell(tmp_path):
     assert scores[0.0][0] < 0.1 and scores[0.0][1] < 0.1
 
 
-def test_region_phrases_must_cover_every_patch(shapes_images, tmp_path):
+def test_place_term_makes_patch_tokens_say_where_they_are(tmp_path):
+    """With place phrases ("at the top left", ..., one per patch), 100 steps make 80% of the patch tokens of
+    held-out scenes nearest to their own place's phrase; without the term 9%, chance (1/9)."""
+    from llava.data.shapes import CELLS, position_phrase
+    from llava.train.clip import train_clip
+
+    synth(tmp_path, {"train": 40, "test": 20}, seed=13)
+    places = [position_phrase(name) for name in CELLS]
+    pairs = [(str(tmp_path / s.file_name), [" and ".join(f"a {o.name}" for o in s.objects)])
+             for s in load_scenes(tmp_path, "train")]
+    tokenizer = with_eos(train_tokenizer([c for _, cs in pairs for c in cs] * 5 + places * 5, 200), True)
+    test = load_scenes(tmp_path, "test")
+    scores = {}
+    for weight in (0.0, 1.0):
+        config = ClipConfig(image_size=48, patch_size=16, vision_hidden=32, vision_layers=2, text_hidden=32,
+                            text_layers=1, projection_dim=32, batch_size=16, steps=100, lr=3e-3, place_weight=weight)
+        train_clip(pairs, tokenizer, config, tmp_path / f"clip{weight}", places=places)
+        nearest = _patch_phrase_predictions(tmp_path / f"clip{weight}", tmp_path, test, places)
+        scores[weight] = (nearest == torch.arange(9)).float().mean().item()
+    assert scores[1.0] >= 0.7 and scores[0.0] < 0.25
+
+
+def test_region_and_place_phrases_must_cover_every_patch(shapes_images, tmp_path):
     from llava.core.errors import TrainConfigError
     from llava.train.clip import train_clip
 
@@ -203,6 +225,9 @@ def test_region_phrases_must_cover_every_patch(shapes_images, tmp_path):
     del regions[pairs[1][0]]
     with pytest.raises(TrainConfigError, match="no phrases for image"):
         train_clip(pairs, tokenizer, config, tmp_path / "clip", regions=regions)
+    config.place_weight = 1.0
+    with pytest.raises(TrainConfigError, match="8 place phrases, the vision tower has 9 patches"):
+        train_clip(pairs, tokenizer, config, tmp_path / "clip", places=["at the top"] * 8)
     assert not (tmp_path / "clip").exists()
 
 
@@ -217,16 +242,18 @@ def test_bundled_clip_zero_shot(shapes_images):
 
 @needs_bundled
 def test_bundled_clip_patch_tokens_tell_their_grid_cell(tmp_path):
-    """LLaVA reads the image tokens of vision layer -2: each must still say where in the picture it lies,
-    or "Where is the red circle?" has no answer. A linear (ridge) read-out of the cell (0-8) from a patch
-    token, fitted on 160 images, holds on 40 others: 92% (19% with transformers' 0.02 position init)."""
+    """The image tokens the bundled LLaVA reads (its vision_feature_layer, -1 in mini.yaml) must still say
+    where in the picture they lie, or "Where is the red circle?" has no answer. A linear (ridge) read-out
+    of the cell (0-8) from a patch token, fitted on 160 images, holds on 40 others: 90% (92% at layer -2,
+    19% there with transformers' 0.02 position init)."""
+    layer = json.loads((BUNDLED_CLIP.parent / "config.json").read_text())["vision_feature_layer"]
     synth(tmp_path, {"test": 200}, seed=12)
     encoder = ClipEncoder.load(BUNDLED_CLIP)
     scenes = load_scenes(tmp_path, "test")
     pixels = torch.from_numpy(np.stack([encoder.image_processor.preprocess_one(
         Image.open(tmp_path / s.file_name).convert("RGB")) for s in scenes]))
     with torch.no_grad():
-        tokens = encoder.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        tokens = encoder.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
     cells = tokens.shape[1]
     features = torch.cat([tokens, torch.ones(*tokens.shape[:2], 1)], dim=-1)  # with a bias
     fit, held = features[:160].reshape(-1, features.shape[-1]), features[160:].reshape(-1, features.shape[-1])

@@ -43,6 +43,8 @@ class ClipConfig:
     position_init_std: float | None = None  # initial std of the vision position embeddings (None: transformers')
     region_weight: float = 0.0   # with regions: weight of the patch-phrase term (RegionCLIP's region-text loss)
                                  # beside the image-caption loss; 0 leaves it out
+    place_weight: float = 0.0    # with places: weight of the patch-place term (each patch token is also
+                                 # classified against the phrases of the places, "at the top left"); 0 leaves it out
     seed: int = 0
 
 
@@ -114,7 +116,7 @@ def _region_labels(regions: dict[str, list[str]], paths: list[str], patches: int
 def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig, output: str | Path,
                progress: bool = False, swap_groups: tuple[tuple[str, ...], ...] = (),
                curriculum: list[tuple[str, list[str]]] = (),
-               regions: dict[str, list[str]] | None = None) -> dict:
+               regions: dict[str, list[str]] | None = None, places: list[str] | None = None) -> dict:
     """Train a fresh CLIPModel on (image path, captions) pairs; each step draws one caption per image.
     With `hard_negatives` and `swap_groups` (e.g. the shape names, the colour names) each caption gets a
     one-word-swapped twin as an extra negative.
@@ -129,6 +131,11 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
     `_region_loss`: the patch tokens then say what lies in their own cell, not only the class token what
     the image shows, and LLaVA reads those tokens. A web-scale CLIP's patch tokens carry what is in their
     patch (RegionCLIP sharpens that with this term); a CLIP trained on 7,000 shapes images got little of it.
+
+    `places` names where each patch lies, one phrase per patch row by row ("at the top left", ...). With
+    `config.place_weight` > 0 each step adds the same term with the patch's own place for its label, so
+    every patch token also says where it is: which cell a token comes from was 0.4% of the tokens' variance
+    without it, too faint for the mini LM to answer "Where is the red circle?".
 
     Saves model, tokenizer and preprocessor_config.json to `output`. Returns {"loss": ..., "params": ...}."""
     import torch.nn.functional as F
@@ -161,6 +168,15 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
         phrases, cell_labels = _region_labels(regions, [path for path, _ in everything], patches)
         phrase_tokens = tokenizer(phrases, padding=True, truncation=True, max_length=config.max_text_length,
                                   return_tensors="pt")
+    use_places = places is not None and config.place_weight > 0
+    if use_places:
+        patches = (config.image_size // config.patch_size) ** 2
+        if len(places) != patches:
+            raise TrainConfigError(f"CLIP places: {len(places)} place phrases, the vision tower has {patches} "
+                                   "patches (one phrase per patch, row by row)")
+        place_tokens = tokenizer(list(places), padding=True, truncation=True, max_length=config.max_text_length,
+                                 return_tensors="pt")
+        place_labels = torch.arange(patches)
     pixels = torch.from_numpy(np.stack([processor.preprocess_one(load_image(path)) for path, _ in
                                         tqdm(everything, desc="clip images", disable=not progress, unit="img")]))
     main_rows, first_rows = list(range(len(pairs))), list(range(len(pairs), len(everything)))
@@ -205,6 +221,13 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
             patch_embeds = patch_embeddings(model, vision.last_hidden_state)
             loss = loss + config.region_weight * _region_loss(F.normalize(patch_embeds, dim=-1), phrase_embeds,
                                                               model.logit_scale.exp(), cell_labels[rows])
+        if use_places:
+            place_embeds = model.get_text_features(input_ids=place_tokens["input_ids"],
+                                                   attention_mask=place_tokens["attention_mask"])
+            place_embeds = F.normalize(getattr(place_embeds, "pooler_output", place_embeds), dim=-1)
+            patch_embeds = F.normalize(patch_embeddings(model, vision.last_hidden_state), dim=-1)
+            loss = loss + config.place_weight * _region_loss(patch_embeds, place_embeds, model.logit_scale.exp(),
+                                                             place_labels.expand(len(rows), -1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
