@@ -195,6 +195,10 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
         rows, orders[which] = orders[which][:count], orders[which][count:]
         return rows
 
+    def embed_texts(tokens):  # normalised text embeddings (the projected pooled </s>)
+        embeds = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return F.normalize(getattr(embeds, "pooler_output", embeds), dim=-1)
+
     bar = tqdm(range(config.steps), desc="train clip", disable=not progress, unit="step")
     for step in bar:
         if not first_rows:
@@ -208,26 +212,19 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
         negatives = [n for n in negatives if n is not None]
         tokens = tokenizer(texts + negatives, padding=True, truncation=True, max_length=config.max_text_length,
                            return_tensors="pt")
-        text_embeds = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         vision = model.get_image_features(pixel_values=pixels[rows])  # pooler_output: the projected class token
-        text_embeds = F.normalize(getattr(text_embeds, "pooler_output", text_embeds), dim=-1)
+        text_embeds = embed_texts(tokens)
         image_embeds = F.normalize(vision.pooler_output, dim=-1)
         positives = torch.tensor([[a == b for b in texts + negatives] for a in texts])
         loss = _contrastive_loss(image_embeds, text_embeds, model.logit_scale.exp(), positives)
+        if use_regions or use_places:
+            patch_embeds = F.normalize(patch_embeddings(model, vision.last_hidden_state), dim=-1)
         if use_regions:
-            phrase_embeds = model.get_text_features(input_ids=phrase_tokens["input_ids"],
-                                                    attention_mask=phrase_tokens["attention_mask"])
-            phrase_embeds = F.normalize(getattr(phrase_embeds, "pooler_output", phrase_embeds), dim=-1)
-            patch_embeds = patch_embeddings(model, vision.last_hidden_state)
-            loss = loss + config.region_weight * _region_loss(F.normalize(patch_embeds, dim=-1), phrase_embeds,
+            loss = loss + config.region_weight * _region_loss(patch_embeds, embed_texts(phrase_tokens),
                                                               model.logit_scale.exp(), cell_labels[rows])
         if use_places:
-            place_embeds = model.get_text_features(input_ids=place_tokens["input_ids"],
-                                                   attention_mask=place_tokens["attention_mask"])
-            place_embeds = F.normalize(getattr(place_embeds, "pooler_output", place_embeds), dim=-1)
-            patch_embeds = F.normalize(patch_embeddings(model, vision.last_hidden_state), dim=-1)
-            loss = loss + config.place_weight * _region_loss(patch_embeds, place_embeds, model.logit_scale.exp(),
-                                                             place_labels.expand(len(rows), -1))
+            loss = loss + config.place_weight * _region_loss(patch_embeds, embed_texts(place_tokens),
+                                                             model.logit_scale.exp(), place_labels.expand(len(rows), -1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
