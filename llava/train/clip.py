@@ -162,15 +162,14 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
         torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight, std=config.position_init_std)
     processor = image_processor_for(config)
     everything = list(pairs) + list(curriculum)
+    patches = (config.image_size // config.patch_size) ** 2
     use_regions = regions is not None and config.region_weight > 0
     if use_regions:
-        patches = (config.image_size // config.patch_size) ** 2
         phrases, cell_labels = _region_labels(regions, [path for path, _ in everything], patches)
         phrase_tokens = tokenizer(phrases, padding=True, truncation=True, max_length=config.max_text_length,
                                   return_tensors="pt")
     use_places = places is not None and config.place_weight > 0
     if use_places:
-        patches = (config.image_size // config.patch_size) ** 2
         if len(places) != patches:
             raise TrainConfigError(f"CLIP places: {len(places)} place phrases, the vision tower has {patches} "
                                    "patches (one phrase per patch, row by row)")
