@@ -202,9 +202,9 @@ def _clip(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
 
     config = _dataclass_from(ClipConfig, recipe["clip"], "clip")
     curriculum = _shape_names(shapes, "single") if config.curriculum_steps else []
-    regions = _cell_phrases(shapes, ("train", "single")) if config.region_weight else None
+    regions = _cell_phrases(shapes, ("train", "single")) if config.region_weight or config.region_place_weight else None
     # one place phrase per patch, row by row as CELLS runs
-    places = [position_phrase(name) for name in CELLS] if config.place_weight else None
+    places = [position_phrase(name) for name in CELLS] if config.place_weight or config.region_place_weight else None
     stats = train_clip(_captions(shapes, "train"), with_eos(_tokenizer(recipe, shapes), True), config, output,
                        progress=progress, swap_groups=(SHAPES, tuple(COLOURS)), curriculum=curriculum,
                        regions=regions, places=places)

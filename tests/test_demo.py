@@ -21,7 +21,7 @@ def _micro_recipe(path: Path) -> Path:
     recipe["synth"].update(train=48, val=4, test=6, single=12)
     recipe["clip"].update(vision_hidden=32, text_hidden=32, vision_layers=1, text_layers=1, projection_dim=16,
                           batch_size=16, steps=3, curriculum_steps=1, region_weight=1.0,
-                          place_weight=1.0)  # the region and place terms too
+                          place_weight=1.0, region_place_weight=1.0)  # the three patch terms too
     recipe["lm"].update(hidden_size=32, layers=1, intermediate_size=64, batch_size=4, steps=3, block_size=64)
     recipe["tokenizer"]["vocab_size"] = 300
     for stage in ("pretrain", "midstage", "finetune"):
