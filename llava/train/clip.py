@@ -176,12 +176,13 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
     if config.region_place_weight > 0 and (regions is None or places is None):
         raise TrainConfigError("CLIP region_place_weight: the term needs both region phrases and place phrases")
     terms = []  # (weight, phrase tokens, labels: per row of `everything`, per patch, an index into the phrases)
-    if regions is not None and config.region_weight > 0:
-        terms.append((config.region_weight, *_region_labels(regions, paths, patches)))
+    if regions is not None and (config.region_weight > 0 or config.region_place_weight > 0):
+        phrases, labels = _region_labels(regions, paths, patches)  # checks one phrase per patch for every image
+        if config.region_weight > 0:
+            terms.append((config.region_weight, phrases, labels))
     if places is not None and config.place_weight > 0:
         terms.append((config.place_weight, list(places), torch.arange(patches).expand(len(paths), -1)))
     if config.region_place_weight > 0:
-        _region_labels(regions, paths, patches)  # the region phrases' own checks first
         joint = {path: [f"{phrase} {place}" for phrase, place in zip(regions[path], places)] for path in paths}
         terms.append((config.region_place_weight, *_region_labels(joint, paths, patches)))
     terms = [(weight, tokenizer(phrases, padding=True, truncation=True, max_length=config.max_text_length,
