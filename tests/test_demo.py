@@ -160,3 +160,43 @@ def test_bundled_model_reproduces_its_published_scores(tmp_path):
     assert metrics["short"] == pytest.approx(published["short"], abs=0.005)
     for name, values in metrics["pope"].items():
         assert values == pytest.approx(published["pope"][name], abs=0.005)
+
+
+@needs_bundled
+def test_bundled_model_finds_an_object_by_its_colour_word_not_its_shape_word(tmp_path):
+    """How the bundled model picks out the object a question names (README, "demo"): at the colour word
+    of "What shape is the red object?" one attention head of the LM's first layer puts nearly all of its
+    attention on the image tokens onto the red object's token. No head does that at the shape word of
+    "What colour is the circle?": the stage-1.5 captions name the colour first ("a red circle"), and
+    the LM learns one keyed head, for the word that leads."""
+    from llava.data.images import load_image
+    from llava.data.shapes import CELLS, load_scenes, synth
+    from llava.model.checkpoint import load_pretrained
+
+    recipe = load_recipe(RECIPE)
+    synth(tmp_path, {"test": 40}, seed=recipe["seed"], side=recipe["synth"]["image_size"])
+    model, processor = load_pretrained(BUNDLED)
+    model.language_model.set_attn_implementation("eager")
+    share = {"colour": [], "shape": []}
+    for scene in load_scenes(tmp_path, "test"):
+        for obj in scene.objects:
+            for key, word, question in (("colour", obj.colour, f"What shape is the {obj.colour} object?"),
+                                        ("shape", obj.shape, f"What colour is the {obj.shape}?")):
+                if len(scene.objects) < 2 or sum(getattr(o, key) == word for o in scene.objects) > 1:
+                    continue
+                content = [{"type": "image"}, {"type": "text", "text": f"{question}\n{SHORT_ANSWER_SUFFIX}"}]
+                prompt = processor.apply_chat_template([{"role": "user", "content": content}])
+                inputs = processor(text=[prompt], images=[load_image(tmp_path / scene.file_name)],
+                                   return_tensors="pt")
+                ids = inputs["input_ids"][0]
+                with torch.no_grad():
+                    embeds = model.embed(inputs["input_ids"], inputs["pixel_values"])
+                    first = model.language_model.model(inputs_embeds=embeds, output_attentions=True).attentions[0]
+                image = (ids == processor.image_token_id).nonzero()[:, 0]
+                at = (ids == processor.tokenizer.convert_tokens_to_ids("▁" + word)).nonzero()[-1, 0]
+                row = first[0, :, at]  # heads x keys: the first layer's attention from the key word
+                share[key].append(row[:, image[CELLS[obj.position]]] / row[:, image].sum(-1))
+    colour, shape = torch.stack(share["colour"]).mean(0), torch.stack(share["shape"]).mean(0)
+    assert len(share["colour"]) >= 20 and len(share["shape"]) >= 20
+    assert colour.max() > 0.9, colour  # chance: 1/9 of the image attention on each of the 9 tokens
+    assert shape.max() < 0.5, shape
