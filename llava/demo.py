@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import shutil
 import time
 from dataclasses import dataclass, field, fields
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "mini.yaml"
 BUNDLED = ROOT / "models" / "demo"
 STAGES = {"pretrain": "stage1", "midstage": "stage1_5", "finetune": "stage2"}  # recipe section -> output folder
+CAPTION_KINDS = ("coco", "shape_first")  # datagen: captions: what stages 1 and 1.5 train on
 
 
 @dataclass
@@ -75,6 +77,13 @@ def _check_recipe(recipe: dict) -> None:
     _dataclass_from(LMConfig, recipe["lm"], "lm")
     for stage in _stages(recipe):
         _check_fields(TrainConfig, recipe[stage], stage)
+    datagen = recipe["datagen"] or {}
+    unknown = sorted(set(datagen) - {"kinds", "questions_per_record", "captions"})
+    if unknown:
+        raise TrainConfigError(f"recipe section 'datagen': unknown field {unknown[0]!r}")
+    if datagen.get("captions", "coco") not in CAPTION_KINDS:
+        raise TrainConfigError(f"recipe section 'datagen': captions must be one of {', '.join(CAPTION_KINDS)}, "
+                               f"not {datagen['captions']!r}")
 
 
 def _stages(recipe: dict) -> list[str]:
@@ -241,11 +250,25 @@ def _datagen(recipe: dict, shapes: Path, output: Path, seed: int, progress: bool
     captions = [{"id": f"cap-{Path(path).stem}-{i}", "image": str(Path(path).relative_to(shapes)),
                  "conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
                                    {"from": "gpt", "value": caption}]}
-                for path, caps in _captions(shapes, "train") for i, caption in enumerate(caps)]
+                for path, caps in _stage1_captions(section, shapes, seed) for i, caption in enumerate(caps)]
     atomic_write_text(output / "captions.json", json.dumps(captions))
     written = sum(summary.written.values()) + sum(summary.skipped.values())
     return (f"{written} teacher records ({', '.join(kinds)}), {len(short)} short-answer records, "
             f"{len(records)} stage-2 records, {len(captions)} stage-1 captions")
+
+
+def _stage1_captions(section: dict, shapes: Path, seed: int) -> list[tuple[str, list[str]]]:
+    """The captions stages 1 and 1.5 train on: the synth captions ("coco"), or as many per image that name
+    each object's shape first ("shape_first", see shapes.shape_first_captions)."""
+    from .data.shapes import load_scenes, shape_first_captions
+
+    kind = section.get("captions", "coco")
+    if kind == "coco":
+        return _captions(shapes, "train")
+    rng = random.Random(f"{seed}-shape-first")
+    coco = dict(_captions(shapes, "train"))
+    return [(path, shape_first_captions(scene, rng, len(coco[path])))
+            for scene in load_scenes(shapes, "train") for path in [str(shapes / scene.file_name)]]
 
 
 def _train_config(recipe: dict, stage: str, work: Path):

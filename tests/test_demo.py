@@ -1,6 +1,7 @@
 """The mini recipe end to end (shrunk to seconds), and the bundled demo model it builds."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ def _micro_recipe(path: Path) -> Path:
                           place_weight=1.0, region_place_weight=1.0)  # the three patch terms too
     recipe["lm"].update(hidden_size=32, layers=1, intermediate_size=64, batch_size=4, steps=3, block_size=64)
     recipe["tokenizer"]["vocab_size"] = 300
+    recipe["datagen"]["captions"] = "shape_first"
     for stage in ("pretrain", "midstage", "finetune"):
         recipe[stage].update(batch_size=4, max_steps=2, progress=False, save_steps=0)
     recipe["eval"] = {"split": "test", "limit": 4, "batch_size": 4}
@@ -47,6 +49,10 @@ def test_every_step_runs_and_writes_standard_formats(demo):
     LlamaForCausalLM.from_pretrained(work / "lm")
     model = LlavaForConditionalGeneration.from_pretrained(work / "stage2")
     assert model.config.vision_config.image_size == 96 and model.config.projector_hidden_act == "gelu"
+    captions = [r["conversations"][1]["value"] for r in json.loads((work / "data" / "captions.json").read_text())]
+    coco = json.loads((work / "shapes" / "annotations" / "captions_train.json").read_text())["annotations"]
+    assert len(captions) == len(coco) and all(re.match(r"[A-Z][a-z]+ shapes?(?: on [a-z ]+)?: [a-z]+ [a-z]+ ", c)
+                                           for c in captions), captions[:3]  # the recipe's shape-first captions
     records = json.loads((work / "data" / "llava_instruct.json").read_text())
     ids = {r["id"] for r in records}
     assert any(i.startswith("vqa-") for i in ids) and any(not i.startswith("vqa-") for i in ids)
@@ -128,6 +134,11 @@ def test_recipe_errors_name_the_field(tmp_path):
     recipe["lm"]["hidden"] = 3
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(TrainConfigError, match="section 'lm': unknown field 'hidden'"):
+        run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
+    recipe["lm"].pop("hidden")
+    recipe["datagen"]["captions"] = "shapes_first"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(TrainConfigError, match="'datagen': captions must be one of coco, shape_first, not 'shapes_first'"):
         run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
 
 

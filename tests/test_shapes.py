@@ -10,8 +10,8 @@ from PIL import Image
 
 from llava.core.errors import DataError
 from llava.data.dataset import LlavaDataset
-from llava.data.shapes import (COLOURS, SHAPES, SHORT_ANSWER_SUFFIX, load_scenes, scene_documents, short_answer_records,
-                               synth)
+from llava.data.shapes import (COLOURS, NUMBERS, SHAPES, SHORT_ANSWER_SUFFIX, load_scenes, scene_documents,
+                               shape_first_captions, short_answer_records, synth)
 
 
 def _digest(folder):
@@ -145,6 +145,26 @@ def test_scene_documents_describe_the_scene_then_ask_about_it(world):
     assert sorted(q for q in asked if not q.startswith("Is there")) == sorted(short)
     text = " ".join(documents)
     assert text.count("? Yes.") == text.count("? No.") > 10
+
+
+def test_shape_first_captions_name_every_object_shape_then_colour_then_place(world):
+    """The stage-1.5 captions of the mini recipe: the number of objects, then each object as "circle red at
+    the top left", in a fresh order each time (which object comes first varies)."""
+    import random
+
+    item = re.compile(rf"({'|'.join(SHAPES)}) ({'|'.join(COLOURS)}) (?:at|in|on) the ([a-z]+(?: left| right)?)")
+    rng = random.Random(0)
+    firsts = set()
+    for scene in load_scenes(world, "train"):
+        objects = sorted((o.shape, o.colour, o.position) for o in scene.objects)
+        texts = shape_first_captions(scene, rng, 5)
+        assert len(texts) == 5
+        for text in texts:
+            head, listing = text.split(": ")
+            assert head.split()[0] == NUMBERS[len(objects)].capitalize() and listing.endswith(".")
+            assert sorted(item.findall(listing)) == objects, text
+            firsts.add((scene.id, item.findall(listing)[0]))
+    assert len(firsts) > len(load_scenes(world, "train"))  # some scene was listed from different objects
 
 
 def test_single_split_has_one_object_per_scene_and_its_own_ids(world, tmp_path):

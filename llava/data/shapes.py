@@ -217,6 +217,26 @@ def captions(scene: Scene, rng: random.Random, count: int = 5) -> list[str]:
     return out
 
 
+def shape_first_captions(scene: Scene, rng: random.Random, count: int = 5) -> list[str]:
+    """`count` captions that name each object by its shape, then its colour and place ("Two shapes on a dark
+    background: circle red at the top left and square blue in the center."), the objects in a new order
+    each time. Every phrasing of `captions` says "[size] colour shape [place]". Trained on those in stage
+    1.5, the mini LM grows one first-layer attention head that finds an object's image token by the word
+    a caption names it with first, the colour, and never learns to find it by its shape ("What colour
+    is the circle?" picks among the objects at about chance). On these, the head is keyed by the shape,
+    and stage 2 adds the lookup by colour (README, "demo")."""
+    objects = scene.objects
+    n = len(objects)
+    out = []
+    for _ in range(count):
+        head = f"{NUMBERS[n].capitalize()} {'shape' if n == 1 else 'shapes'}"
+        if rng.random() < 0.5:
+            head += f" on {scene.background}"
+        items = [f"{obj.shape} {obj.colour} {position_phrase(obj.position)}" for obj in rng.sample(objects, n)]
+        out.append(f"{head}: {join_words(items)}.")
+    return out
+
+
 def plural(shape: str) -> str:
     return f"{shape}es" if shape.endswith(("s", "x", "sh", "ch")) else f"{shape}s"
 
