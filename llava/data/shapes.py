@@ -223,8 +223,8 @@ def shape_first_captions(scene: Scene, rng: random.Random, count: int = 5) -> li
     each time. Every phrasing of `captions` says "[size] colour shape [place]". Trained on those in stage
     1.5, the mini LM grows one first-layer attention head that finds an object's image token by the word
     a caption names it with first, the colour, and never learns to find it by its shape ("What colour
-    is the circle?" picks among the objects at about chance). On these, the head is keyed by the shape,
-    and stage 2 adds the lookup by colour (README, "demo")."""
+    is the circle?" picks among the objects at about chance). On these, the head is keyed by the shape;
+    whether stage 2 then adds the lookup by colour varies from run to run (README, "demo")."""
     objects = scene.objects
     n = len(objects)
     out = []
