@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import random
 import re
 
 import numpy as np
@@ -148,10 +149,8 @@ def test_scene_documents_describe_the_scene_then_ask_about_it(world):
 
 
 def test_shape_first_captions_name_every_object_shape_then_colour_then_place(world):
-    """The stage-1.5 captions of the mini recipe: the number of objects, then each object as "circle red at
-    the top left", in a fresh order each time (which object comes first varies)."""
-    import random
-
+    """`datagen: captions: shape_first` (stages 1 and 1.5): the number of objects, then each object as
+    "circle red at the top left", in a fresh order each time (which object comes first varies)."""
     item = re.compile(rf"({'|'.join(SHAPES)}) ({'|'.join(COLOURS)}) (?:at|in|on) the ([a-z]+(?: left| right)?)")
     rng = random.Random(0)
     firsts = set()
