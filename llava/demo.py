@@ -62,7 +62,11 @@ def _dataclass_from(cls, values: dict, section: str):
 
 
 def _check_fields(cls, values: dict, section: str) -> None:
-    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    _check_names({f.name for f in fields(cls)}, values, section)
+
+
+def _check_names(known: set[str], values: dict, section: str) -> None:
+    unknown = sorted(set(values) - known)
     if unknown:
         raise TrainConfigError(f"recipe section {section!r}: unknown field {unknown[0]!r}")
 
@@ -78,9 +82,7 @@ def _check_recipe(recipe: dict) -> None:
     for stage in _stages(recipe):
         _check_fields(TrainConfig, recipe[stage], stage)
     datagen = recipe["datagen"] or {}
-    unknown = sorted(set(datagen) - {"kinds", "questions_per_record", "captions"})
-    if unknown:
-        raise TrainConfigError(f"recipe section 'datagen': unknown field {unknown[0]!r}")
+    _check_names({"kinds", "questions_per_record", "captions"}, datagen, "datagen")
     if datagen.get("captions", "coco") not in CAPTION_KINDS:
         raise TrainConfigError(f"recipe section 'datagen': captions must be one of {', '.join(CAPTION_KINDS)}, "
                                f"not {datagen['captions']!r}")
@@ -266,9 +268,12 @@ def _stage1_captions(section: dict, shapes: Path, seed: int) -> list[tuple[str, 
     if kind == "coco":
         return _captions(shapes, "train")
     rng = random.Random(f"{seed}-shape-first")
-    coco = dict(_captions(shapes, "train"))
-    return [(path, shape_first_captions(scene, rng, len(coco[path])))
-            for scene in load_scenes(shapes, "train") for path in [str(shapes / scene.file_name)]]
+    counts = {path: len(captions) for path, captions in _captions(shapes, "train")}  # as many as synth wrote
+    out = []
+    for scene in load_scenes(shapes, "train"):
+        path = str(shapes / scene.file_name)
+        out.append((path, shape_first_captions(scene, rng, counts[path])))
+    return out
 
 
 def _train_config(recipe: dict, stage: str, work: Path):
