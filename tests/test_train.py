@@ -16,6 +16,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNext
 
 import llava
 from llava.cli import main
+from llava.core.errors import TrainConfigError
 from llava.train.build import load_start_model, param_groups
 from llava.train.config import TrainConfig, load_config
 from llava.train.loop import _prepare_model, train
@@ -245,6 +246,22 @@ def test_llava_train_with_a_recipe_and_overrides(tmp_path, checkpoints, colours,
     assert saved["lr"] == 2e-3 and saved["max_steps"] == 3
     assert "3 steps" in capsys.readouterr().err
     llava.load_pretrained(out, device="cpu")
+
+
+def test_a_list_of_feature_layers_from_the_command_line(tmp_path, parts, colours):
+    vision, lm = parts
+    out = tmp_path / "layers"
+    code = main(["train", "--vision-tower", str(vision), "--language-model", str(lm), "--data", str(colours),
+                 "--output", str(out), "--stage", "pretrain", "--skip-bad", "--max-steps", "2", "--no-progress",
+                 "--vision-feature-layer", "-3", "-1"])
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["vision_feature_layer"] == [-3, -1]
+    hidden = json.loads((vision / "config.json").read_text())["hidden_size"]
+    assert load_file(str(out / "model.safetensors"))["multi_modal_projector.linear_1.weight"].shape[1] == 2 * hidden
+    _assert_equal_to_transformers(out, Image.open(colours.parent / "images" / "0.png"))
+    assert load_config(None, {"vision_feature_layer": ["-2"]}).vision_feature_layer == [-2]
+    with pytest.raises(TrainConfigError, match=r"vision_feature_layer: expected a list of integers, got 'last'"):
+        load_config(None, {"vision_feature_layer": [-2, "last"]})
 
 
 @pytest.mark.parametrize("recipe,args,message", [

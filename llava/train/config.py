@@ -27,7 +27,7 @@ class TrainConfig:
     language_model: str | None = None        # e.g. lmsys/vicuna-7b-v1.5
     projector: str | None = None             # stage-1 output (folder) or original mm_projector.bin to start from
     projector_type: str = "mlp2x_gelu"       # for a new model: linear | mlpNx_gelu | identity
-    vision_feature_layer: int = -2
+    vision_feature_layer: int | list = -2    # or a list of layers, their features concatenated (transformers)
     vision_feature_select_strategy: str = "default"
     image_aspect_ratio: str | None = None    # pad | square | anyres (new model); default: the checkpoint's / square
     image_grid_pinpoints: list | str | None = None  # anyres: [[h, w], ...] or "(1x1),...,(3x3)"
@@ -179,7 +179,7 @@ def _coerce(name: str, value):
         if kind is str and isinstance(value, str):
             return value
         if kind is list and isinstance(value, list):
-            return value
+            return [_coerce_int(name, v) for v in value] if int in args else value
     # numbers written as strings in YAML ("1e-3" parses as a string) are accepted
     if isinstance(value, str):
         for kind in (int, float):
@@ -190,6 +190,16 @@ def _coerce(name: str, value):
                     pass
     expected = " or ".join(getattr(a, "__name__", str(a)) for a in args)
     raise TrainConfigError(f"setting {name}: expected {expected}, got {value!r}")
+
+
+def _coerce_int(name: str, value) -> int:
+    """One item of a list of integers (vision_feature_layer: [-5, -1], or "-5" from the command line)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise TrainConfigError(f"setting {name}: expected a list of integers, got {value!r}") from None
 
 
 def add_arguments(parser) -> None:
