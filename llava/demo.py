@@ -1,7 +1,7 @@
 """`llava demo`: the whole LLaVA recipe in miniature, end to end on a CPU, from recipes/mini.yaml:
 shapes world -> tiny CLIP -> tokenizer + tiny LM -> instruction data (rule-based teacher) ->
-stage 1 (projector) -> stage 1.5 (the whole model on captions, if the recipe has a midstage section) ->
-stage 2 (instruction tuning) -> evaluation, with a summary table.
+stage 1 (projector) -> stage 1.5 (the whole model on captions, if the recipe has a midstage section; then
+on re-captions, if it has a recap section) -> stage 2 (instruction tuning) -> evaluation, with a summary table.
 
 Every step writes its own folder under the work folder and is skipped when that folder is already
 complete, so a killed demo continues where it stopped. `rebuild` copies the result into models/demo."""
@@ -24,8 +24,9 @@ from .core.io import atomic_dir, atomic_write_text
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "mini.yaml"
 BUNDLED = ROOT / "models" / "demo"
-STAGES = {"pretrain": "stage1", "midstage": "stage1_5", "finetune": "stage2"}  # recipe section -> output folder
-CAPTION_KINDS = ("coco", "shape_first")  # datagen: captions: what stages 1 and 1.5 train on
+STAGES = {"pretrain": "stage1", "midstage": "stage1_5", "recap": "stage1_5_recap",  # recipe section -> output folder
+          "finetune": "stage2"}
+CAPTION_KINDS = ("coco", "shape_first")  # datagen: captions: what stages 1 and 1.5 train on (recap: shape_first)
 
 
 @dataclass
@@ -81,6 +82,8 @@ def _check_recipe(recipe: dict) -> None:
     _dataclass_from(LMConfig, recipe["lm"], "lm")
     for stage in _stages(recipe):
         _check_fields(TrainConfig, recipe[stage], stage)
+    if "recap" in recipe and "midstage" not in recipe:
+        raise TrainConfigError("recipe section 'recap' continues stage 1.5 from its model: add a 'midstage' section")
     datagen = recipe["datagen"] or {}
     _check_names({"kinds", "questions_per_record", "captions"}, datagen, "datagen")
     if datagen.get("captions", "coco") not in CAPTION_KINDS:
@@ -89,7 +92,7 @@ def _check_recipe(recipe: dict) -> None:
 
 
 def _stages(recipe: dict) -> list[str]:
-    """The training sections the recipe runs, in order (midstage is optional)."""
+    """The training sections the recipe runs, in order (midstage and recap are optional)."""
     return [stage for stage in STAGES if stage in recipe]
 
 
@@ -125,7 +128,7 @@ def run_demo(work: str | Path = "runs/demo", recipe_path: str | Path = RECIPE, f
          lambda: _synth(recipe, shapes, seed, progress))
     step("clip", _complete(work / "clip"), lambda: _clip(recipe, shapes, work / "clip", progress))
     step("lm", _complete(work / "lm"), lambda: _lm(recipe, shapes, work / "lm", progress))
-    step("datagen", _complete(work / "data", "llava_instruct.json"),
+    step("datagen", all(_complete(work / "data", name) for name in _data_files(recipe)),
          lambda: _datagen(recipe, shapes, work / "data", seed, progress))
     for stage in _stages(recipe):
         step(stage, _complete(work / STAGES[stage]), lambda stage=stage: _train_stage(recipe, stage, work, progress))
@@ -249,22 +252,36 @@ def _datagen(recipe: dict, shapes: Path, output: Path, seed: int, progress: bool
     short = short_answer_records(shapes, "train", int(section.get("questions_per_record", 8)), seed=seed)
     target = finish(output, kinds, seed=seed, extra=short)
     records = json.loads(target.read_text())
-    captions = [{"id": f"cap-{Path(path).stem}-{i}", "image": str(Path(path).relative_to(shapes)),
-                 "conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
-                                   {"from": "gpt", "value": caption}]}
-                for path, caps in _stage1_captions(section, shapes, seed) for i, caption in enumerate(caps)]
-    atomic_write_text(output / "captions.json", json.dumps(captions))
+    if "recap" in recipe:  # written before captions.json, the file that marks the step complete
+        _write_captions(output / "recaptions.json", _stage1_captions("shape_first", shapes, seed), shapes)
+    captions = _write_captions(output / "captions.json", _stage1_captions(section.get("captions", "coco"), shapes,
+                                                                          seed), shapes)
     written = sum(summary.written.values()) + sum(summary.skipped.values())
+    recaptions = " and as many shape-first re-captions" if "recap" in recipe else ""
     return (f"{written} teacher records ({', '.join(kinds)}), {len(short)} short-answer records, "
-            f"{len(records)} stage-2 records, {len(captions)} stage-1 captions")
+            f"{len(records)} stage-2 records, {captions} stage-1 captions{recaptions}")
 
 
-def _stage1_captions(section: dict, shapes: Path, seed: int) -> list[tuple[str, list[str]]]:
-    """The captions stages 1 and 1.5 train on: the synth captions ("coco"), or as many per image that name
-    each object's shape first ("shape_first", see shapes.shape_first_captions)."""
+def _data_files(recipe: dict) -> list[str]:
+    """What the datagen step writes, captions.json last."""
+    return ["llava_instruct.json", *(["recaptions.json"] if "recap" in recipe else []), "captions.json"]
+
+
+def _write_captions(path: Path, captions: list[tuple[str, list[str]]], shapes: Path) -> int:
+    """Captions as LLaVA records ("Describe the image briefly." -> caption), one per caption; their number."""
+    records = [{"id": f"cap-{Path(image).stem}-{i}", "image": str(Path(image).relative_to(shapes)),
+                "conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
+                                  {"from": "gpt", "value": caption}]}
+               for image, caps in captions for i, caption in enumerate(caps)]
+    atomic_write_text(path, json.dumps(records))
+    return len(records)
+
+
+def _stage1_captions(kind: str, shapes: Path, seed: int) -> list[tuple[str, list[str]]]:
+    """Captions to train stage 1 or 1.5 on: the synth captions ("coco"), or as many per image that name each
+    object's shape first ("shape_first", see shapes.shape_first_captions)."""
     from .data.shapes import load_scenes, shape_first_captions
 
-    kind = section.get("captions", "coco")
     if kind == "coco":
         return _captions(shapes, "train")
     rng = random.Random(f"{seed}-shape-first")
@@ -279,7 +296,8 @@ def _stage1_captions(section: dict, shapes: Path, seed: int) -> list[tuple[str, 
 def _train_config(recipe: dict, stage: str, work: Path):
     """The TrainConfig of one training section. Stage 1 starts from the CLIP and the LM with a new projector;
     stage 1.5 (midstage, LLaVA-NeXT's) from them with stage 1's projector, training the whole model on the
-    captions; stage 2 from stage 1.5's model where there is one, else as stage 1.5 does."""
+    captions; recap from stage 1.5's model, on the shape-first re-captions; stage 2 from the last stage-1.5
+    model where there is one, else as stage 1.5 does."""
     from .train.config import TrainConfig
 
     values = dict(recipe[stage])
@@ -290,8 +308,11 @@ def _train_config(recipe: dict, stage: str, work: Path):
         values.update(start, data=str(work / "data" / "captions.json"))
     elif stage == "midstage":
         values.update(start, data=str(work / "data" / "captions.json"), projector=str(work / "stage1"))
+    elif stage == "recap":
+        values.update(model=str(work / "stage1_5"), data=str(work / "data" / "recaptions.json"))
     elif "midstage" in recipe:
-        values.update(model=str(work / "stage1_5"), data=str(work / "data" / "llava_instruct.json"))
+        last = "recap" if "recap" in recipe else "midstage"
+        values.update(model=str(work / STAGES[last]), data=str(work / "data" / "llava_instruct.json"))
     else:
         values.update(start, data=str(work / "data" / "llava_instruct.json"), projector=str(work / "stage1"))
     return _dataclass_from(TrainConfig, values, stage)

@@ -221,10 +221,10 @@ def shape_first_captions(scene: Scene, rng: random.Random, count: int = 5) -> li
     """`count` captions that name each object by its shape, then its colour and place ("Two shapes on a dark
     background: circle red at the top left and square blue in the center."), the objects in a new order
     each time. Every phrasing of `captions` says "[size] colour shape [place]". Trained on those in stage
-    1.5, the mini LM grows one first-layer attention head that finds an object's image token by the word
+    1.5, the mini LM grows a first-layer attention head that finds an object's image token by the word
     a caption names it with first, the colour, and never learns to find it by its shape ("What colour
-    is the circle?" picks among the objects at about chance). On these, the head is keyed by the shape;
-    whether stage 2 then adds the lookup by colour varies from run to run (README, "demo")."""
+    is the circle?" picks among the objects at about chance). The mini recipe's `recap` section goes on
+    from there on these captions, and the LM adds heads keyed by the shape (README, "demo")."""
     objects = scene.objects
     n = len(objects)
     out = []
