@@ -224,7 +224,7 @@ def shape_first_captions(scene: Scene, rng: random.Random, count: int = 5) -> li
     1.5, the mini LM grows a first-layer attention head that finds an object's image token by the word
     a caption names it with first, the colour, and never learns to find it by its shape ("What colour
     is the circle?" picks among the objects at about chance). The mini recipe's `recap` section goes on
-    from there on these captions, and the LM adds heads keyed by the shape (README, "demo")."""
+    from there on these captions, and the LM adds a head keyed by the shape (README, "demo")."""
     objects = scene.objects
     n = len(objects)
     out = []
