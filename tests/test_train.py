@@ -76,6 +76,10 @@ def test_stage2_trains_projector_and_llm_and_optionally_the_vision_tower(checkpo
     rates = {g["name"]: g["lr"] for g in param_groups(model, config)}
     assert rates["vision"] == 1e-5 and rates["projector"] == 5e-4 and rates["language"] == 1e-3
     assert rates["language_no_decay"] == 1e-3
+    # a rate of 0.0 is a rate (the original's mm_projector_lr is used whenever it is not None), not "unset"
+    config = _config(model=folder, projector_lr=0.0)
+    rates = {g["name"]: g["lr"] for g in param_groups(_trainable(config)[1], config)}
+    assert rates["projector"] == 0.0 and rates["language"] == 1e-3
 
 
 def test_lora_trains_adapters_on_the_llm_and_the_full_projector(checkpoints):

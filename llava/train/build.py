@@ -197,7 +197,8 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
         raise TrainConfigError("nothing to train: every parameter is frozen")
     out = []
     for (part, decay), params in sorted(groups.items()):
-        out.append({"params": params, "lr": rates[part] or config.learning_rate,
+        rate = config.learning_rate if rates[part] is None else rates[part]  # 0.0 holds it still, as the original
+        out.append({"params": params, "lr": rate,
                     "weight_decay": config.weight_decay if decay else 0.0, "name": f"{part}{'' if decay else '_no_decay'}"})
     return out
 
