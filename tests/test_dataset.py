@@ -244,3 +244,27 @@ def test_group_size_deals_one_steps_samples_into_similar_length_batches():
     # every window of 4 batches (one optimizer step with grad_accum 4) holds 16 samples, longest first
     first_step = grouped[:16]
     assert [lengths[i] for i in first_step] == sorted((lengths[i] for i in first_step), reverse=True)
+
+
+def test_group_by_length_sorts_fifty_steps_together_as_transformers():
+    from llava.train.config import TrainConfig
+    from llava.train.loop import _length_group_steps
+
+    grouped = TrainConfig(batch_size=8, group_by_length=True)
+    assert _length_group_steps(grouped, 20_000, 1) == 50            # transformers' cap
+    assert _length_group_steps(grouped, 200, 1) == 6                # 200 // (4 * 8)
+    assert _length_group_steps(grouped, 20, 1) == 1
+    assert _length_group_steps(TrainConfig(batch_size=8, grad_accum=2, group_by_length=True), 20_000, 2) == 50
+    assert _length_group_steps(TrainConfig(batch_size=8), 20_000, 1) == 1  # LLaVA's grouping: one step
+
+    lengths = [(i * 7919) % 300 + 20 for i in range(2_000)]  # image samples of mixed lengths
+    llava = LengthGroupedSampler(8, 1, lengths, seed=0, group_by_modality=True).order(0)
+    steps = _length_group_steps(grouped, len(lengths), 1)
+    sorted_ = LengthGroupedSampler(8, 1, lengths, seed=0, group_by_modality=True, group_size=steps).order(0)
+    assert sorted(sorted_) == list(range(len(lengths)))
+
+    def padded(order):
+        return sum(max(lengths[i] for i in b) * len(b) for b in rank_batches(order, 8, 1, 0))
+
+    assert padded(llava) > 1.4 * sum(lengths)          # one step's samples sorted: a third is padding
+    assert padded(sorted_) < 1.05 * sum(lengths)       # fifty steps' samples sorted: almost none

@@ -49,6 +49,8 @@ class TrainConfig:
     image_folder: str | None = None
     model_max_length: int = 2048
     group_by_modality_length: bool = True
+    group_by_length: bool = False            # transformers' group_by_length: sort by length within megabatches of
+                                             # up to 50 optimizer steps' samples, so batches hold like lengths
     skip_bad: bool = False
     num_workers: int = 0
     # -- optimisation -----------------------------------------------------------------------------------

@@ -87,7 +87,8 @@ def _train(accelerator, config: TrainConfig, on_step) -> TrainResult:
     # the original on 8 GPUs; it changes only how a step's samples are split into micro-batches
     sampler = LengthGroupedSampler(config.batch_size, world, lengths, seed=config.seed,
                                    group_by_modality=config.group_by_modality_length,
-                                   group_by_length=config.group_by_modality_length, group_size=config.grad_accum)
+                                   group_by_length=config.group_by_modality_length or config.group_by_length,
+                                   group_size=config.grad_accum * _length_group_steps(config, len(lengths), world))
     per_epoch = len(rank_batches(sampler.order(0), config.batch_size, world, rank))
     if config.max_steps > 0:
         total_steps = config.max_steps
@@ -216,6 +217,15 @@ def _micro_step(model, batch, accelerator, trainable, image_side) -> tuple[torch
     if batch["pixel_values"] is None and image_side:
         loss = loss + sum(p.reshape(-1)[0] for p in image_side) * 0.0
     return loss, int(batch["attention_mask"].sum())
+
+
+def _length_group_steps(config: TrainConfig, samples: int, world: int) -> int:
+    """How many optimizer steps' samples are sorted by length together: 1 (LLaVA's grouping), or with
+    group_by_length as transformers' LengthGroupedSampler does, min(samples // (4 * step), 50) of them."""
+    if not config.group_by_length:
+        return 1
+    step = config.batch_size * config.grad_accum * world
+    return max(1, min(samples // (4 * step), 50))
 
 
 def _micro_batches(dataset, collator, sampler, config, world, rank, per_epoch: int, start: int):
