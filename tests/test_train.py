@@ -80,6 +80,10 @@ def test_stage2_trains_projector_and_llm_and_optionally_the_vision_tower(checkpo
     config = _config(model=folder, projector_lr=0.0)
     rates = {g["name"]: g["lr"] for g in param_groups(_trainable(config)[1], config)}
     assert rates["projector"] == 0.0 and rates["language"] == 1e-3
+    # the original's freeze_mm_mlp_adapter: the language model alone
+    names, model = _trainable(_config(model=folder, train_projector=False))
+    assert names == {n for n in all_names if not n.startswith(("vision_tower.", "multi_modal_projector."))}
+    assert {g["name"] for g in param_groups(model, _config(model=folder))} == {"language", "language_no_decay"}
 
 
 def test_lora_trains_adapters_on_the_llm_and_the_full_projector(checkpoints):

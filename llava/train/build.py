@@ -157,12 +157,12 @@ def load_projector(model: LlavaForCausalLM, source: str | Path) -> None:
 
 # -- what trains ------------------------------------------------------------------------------------------
 def set_trainable(model: nn.Module, config: TrainConfig) -> None:
-    """Freeze everything, then unfreeze by stage: the projector (+ image_newline) always; the language
-    model in finetune (all of it, or only the LoRA adapters when LoRA is on); the vision tower if asked."""
+    """Freeze everything, then unfreeze by stage: the projector (+ image_newline) unless asked not to; the
+    language model in finetune (all of it, or only the LoRA adapters when LoRA is on); the vision tower if asked."""
     for name, param in model.named_parameters():
         part = component(name)
         if part == "projector":
-            train = True
+            train = config.train_projector
         elif part == "vision":
             train = config.train_vision_tower
         elif part == "lora":

@@ -36,6 +36,8 @@ class TrainConfig:
     stage: str = "finetune"                  # pretrain: projector only (plain template); finetune: + LLM
     template: str | None = None              # conversation template; default plain / the model's conv_mode
     train_vision_tower: bool = False
+    train_projector: bool = True             # False: the projector (and image_newline) stays as loaded, the
+                                             # original's freeze_mm_mlp_adapter
     vision_lr: float | None = None           # learning rate of the vision tower (if trained)
     projector_lr: float | None = None        # learning rate of the projector (default: lr)
     lora: bool = False
