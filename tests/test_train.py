@@ -277,6 +277,8 @@ def test_a_list_of_feature_layers_from_the_command_line(tmp_path, parts, colours
     ("learning_rate: 1\n", [], "unknown setting(s) learning_rate"),
     ("batch_size: many\n", [], "setting batch_size: expected int, got 'many'"),
     ("", ["--stage", "pretrain", "--lora"], "LoRA/QLoRA is for stage finetune"),
+    ("", ["--stage", "pretrain", "--no-train-projector"], "with train_projector false nothing would train"),
+    ("projector_lr: -1.0e-3\n", [], "projector_lr must not be negative, got -0.001"),
     ("", [], "no model"),
     ("[1, 2]\n", [], "a recipe is a mapping"),
 ])

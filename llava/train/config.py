@@ -116,6 +116,11 @@ class TrainConfig:
         need(self.warmup_ratio <= 1, f"warmup_ratio must be at most 1, got {self.warmup_ratio}")
         need(self.max_steps > 0 or self.epochs > 0, "set epochs > 0 or max_steps > 0")
         need(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
+        for name in ("projector_lr", "vision_lr"):
+            need(getattr(self, name) is None or getattr(self, name) >= 0,
+                 f"{name} must not be negative, got {getattr(self, name)}")
+        need(not (self.stage == "pretrain" and not self.train_projector and not self.train_vision_tower),
+             "stage pretrain trains only the projector: with train_projector false nothing would train")
 
     def check_runnable(self) -> None:
         """What a run needs beyond valid values: a model, data and an output folder."""

@@ -84,7 +84,8 @@ def _train(accelerator, config: TrainConfig, on_step) -> TrainResult:
     world, rank = accelerator.num_processes, accelerator.process_index
     lengths = dataset.modality_lengths if config.group_by_modality_length else dataset.lengths
     # grouped over the samples of one optimizer step: on one GPU with grad_accum 8 the same grouping as
-    # the original on 8 GPUs; it changes only how a step's samples are split into micro-batches
+    # the original on 8 GPUs; it changes only how a step's samples are split into micro-batches.
+    # group_by_length sorts up to 50 steps' samples together, which changes what each step sees
     sampler = LengthGroupedSampler(config.batch_size, world, lengths, seed=config.seed,
                                    group_by_modality=config.group_by_modality_length,
                                    group_by_length=config.group_by_modality_length or config.group_by_length,
