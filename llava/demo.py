@@ -85,7 +85,10 @@ def _check_recipe(recipe: dict) -> None:
     if "recap" in recipe and "midstage" not in recipe:
         raise TrainConfigError("recipe section 'recap' continues stage 1.5 from its model: add a 'midstage' section")
     datagen = recipe["datagen"] or {}
-    _check_names({"kinds", "questions_per_record", "captions"}, datagen, "datagen")
+    _check_names({"kinds", "questions_per_record", "captions", "stage2_recaptions"}, datagen, "datagen")
+    if datagen.get("stage2_recaptions") and "recap" not in recipe:
+        raise TrainConfigError("recipe section 'datagen': stage2_recaptions draws from the recap section's "
+                               "re-captions: add a 'recap' section")
     if datagen.get("captions", "coco") not in CAPTION_KINDS:
         raise TrainConfigError(f"recipe section 'datagen': captions must be one of {', '.join(CAPTION_KINDS)}, "
                                f"not {datagen['captions']!r}")
@@ -252,14 +255,24 @@ def _datagen(recipe: dict, shapes: Path, output: Path, seed: int, progress: bool
     short = short_answer_records(shapes, "train", int(section.get("questions_per_record", 8)), seed=seed)
     target = finish(output, kinds, seed=seed, extra=short)
     records = json.loads(target.read_text())
+    mixed = ""
     if "recap" in recipe:  # written before captions.json, the file that marks the step complete
-        _write_captions(output / "recaptions.json", _stage1_captions("shape_first", shapes, seed), shapes)
+        recaps = _caption_records(_stage1_captions("shape_first", shapes, seed), shapes)
+        atomic_write_text(output / "recaptions.json", json.dumps(recaps))
+        count = int(section.get("stage2_recaptions", 0))
+        if count > len(recaps):
+            raise TrainConfigError(f"recipe section 'datagen': stage2_recaptions {count} is more than the "
+                                   f"{len(recaps)} re-captions")
+        if count:  # LLaVA-NeXT's stage 2 mixes re-captioned data into the instruction data
+            records += [dict(r, id=f"re{r['id']}") for r in random.Random(seed).sample(recaps, count)]
+            atomic_write_text(target, json.dumps(records))
+            mixed = f" ({count} of them re-captions)"
     captions = _write_captions(output / "captions.json", _stage1_captions(section.get("captions", "coco"), shapes,
                                                                           seed), shapes)
     written = sum(summary.written.values()) + sum(summary.skipped.values())
     recaptions = " and as many shape-first re-captions" if "recap" in recipe else ""
     return (f"{written} teacher records ({', '.join(kinds)}), {len(short)} short-answer records, "
-            f"{len(records)} stage-2 records, {captions} stage-1 captions{recaptions}")
+            f"{len(records)} stage-2 records{mixed}, {captions} stage-1 captions{recaptions}")
 
 
 def _data_files(recipe: dict) -> list[str]:
@@ -267,12 +280,17 @@ def _data_files(recipe: dict) -> list[str]:
     return ["llava_instruct.json", *(["recaptions.json"] if "recap" in recipe else []), "captions.json"]
 
 
+def _caption_records(captions: list[tuple[str, list[str]]], shapes: Path) -> list[dict]:
+    """Captions as LLaVA records ("Describe the image briefly." -> caption), one per caption."""
+    return [{"id": f"cap-{Path(image).stem}-{i}", "image": str(Path(image).relative_to(shapes)),
+             "conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
+                               {"from": "gpt", "value": caption}]}
+            for image, caps in captions for i, caption in enumerate(caps)]
+
+
 def _write_captions(path: Path, captions: list[tuple[str, list[str]]], shapes: Path) -> int:
-    """Captions as LLaVA records ("Describe the image briefly." -> caption), one per caption; their number."""
-    records = [{"id": f"cap-{Path(image).stem}-{i}", "image": str(Path(image).relative_to(shapes)),
-                "conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
-                                  {"from": "gpt", "value": caption}]}
-               for image, caps in captions for i, caption in enumerate(caps)]
+    """Caption records written to `path`; their number."""
+    records = _caption_records(captions, shapes)
     atomic_write_text(path, json.dumps(records))
     return len(records)
 

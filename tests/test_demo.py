@@ -25,6 +25,7 @@ def _micro_recipe(path: Path) -> Path:
                           place_weight=1.0, region_place_weight=1.0)  # the three patch terms too
     recipe["lm"].update(hidden_size=32, layers=1, intermediate_size=64, batch_size=4, steps=3, block_size=64)
     recipe["tokenizer"]["vocab_size"] = 300
+    recipe["datagen"]["stage2_recaptions"] = 20  # of the 240 re-captions (48 images, five each)
     for stage in ("pretrain", "midstage", "recap", "finetune"):
         recipe[stage].update(batch_size=4, max_steps=2, progress=False, save_steps=0)
     recipe["eval"] = {"split": "test", "limit": 4, "batch_size": 4}
@@ -91,6 +92,22 @@ def test_stage_1_5_trains_projector_and_lm_from_stage_1_then_recap_and_stage_2_s
     config = json.loads((work / "stage2" / "train_config.json").read_text())
     assert (config["model"], config["vision_tower"], config["projector"]) == \
         (str(work / "stage1_5_recap"), None, None)
+    # stage 2's records end with the recipe's share of the re-captions, each one of recaptions.json
+    records = json.loads((work / "data" / "llava_instruct.json").read_text())
+    recaptions = {r["id"]: r for r in json.loads((work / "data" / "recaptions.json").read_text())}
+    mixed = [r for r in records if r["id"].startswith("recap-")]
+    assert len(mixed) == 20 and records[-20:] == mixed and len({r["id"] for r in mixed}) == 20
+    assert all(dict(r, id=r["id"][2:]) == recaptions[r["id"][2:]] for r in mixed)
+
+
+def test_asking_for_more_re_captions_than_there_are_fails_before_the_step_counts_as_done(demo, tmp_path):
+    from llava.demo import _datagen
+
+    recipe = load_recipe(demo.work.parent / "micro.yaml")
+    recipe["datagen"]["stage2_recaptions"] = 241
+    with pytest.raises(TrainConfigError, match="stage2_recaptions 241 is more than the 240 re-captions"):
+        _datagen(recipe, demo.work / "shapes", tmp_path, 0, progress=False)
+    assert not (tmp_path / "captions.json").exists()  # the file that marks the step complete
 
 
 def test_the_language_model_knows_the_answer_words(demo):
@@ -152,6 +169,12 @@ def test_recipe_errors_name_the_field(tmp_path):
     recipe.pop("midstage")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(TrainConfigError, match="section 'recap' continues stage 1.5 from its model: add a 'midstage'"):
+        run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
+    recipe = load_recipe(RECIPE)
+    recipe.pop("recap")
+    recipe["datagen"]["stage2_recaptions"] = 10
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(TrainConfigError, match="stage2_recaptions draws from the recap section's re-captions: add"):
         run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
 
 
