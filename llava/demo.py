@@ -86,7 +86,11 @@ def _check_recipe(recipe: dict) -> None:
         raise TrainConfigError("recipe section 'recap' continues stage 1.5 from its model: add a 'midstage' section")
     datagen = recipe["datagen"] or {}
     _check_names({"kinds", "questions_per_record", "captions", "stage2_recaptions"}, datagen, "datagen")
-    if datagen.get("stage2_recaptions") and "recap" not in recipe:
+    count = datagen.get("stage2_recaptions", 0)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise TrainConfigError(f"recipe section 'datagen': stage2_recaptions must be a whole number >= 0, "
+                               f"not {count!r}")
+    if count and "recap" not in recipe:
         raise TrainConfigError("recipe section 'datagen': stage2_recaptions draws from the recap section's "
                                "re-captions: add a 'recap' section")
     if datagen.get("captions", "coco") not in CAPTION_KINDS:

@@ -176,6 +176,10 @@ def test_recipe_errors_name_the_field(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(TrainConfigError, match="stage2_recaptions draws from the recap section's re-captions: add"):
         run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
+    recipe["datagen"]["stage2_recaptions"] = -1
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(TrainConfigError, match="stage2_recaptions must be a whole number >= 0, not -1"):
+        run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
 
 
 needs_bundled = pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="no bundled demo model")
