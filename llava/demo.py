@@ -248,7 +248,7 @@ def _lm(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
 def _datagen(recipe: dict, shapes: Path, output: Path, seed: int, progress: bool) -> str:
     from .data.shapes import short_answer_records
     from .datagen.context import load_coco
-    from .datagen.runner import finish, run
+    from .datagen.runner import merged_records, run
     from .datagen.teachers import RuleTeacher
 
     section = recipe["datagen"]
@@ -257,8 +257,7 @@ def _datagen(recipe: dict, shapes: Path, output: Path, seed: int, progress: bool
                          shapes / "annotations" / "instances_train.json")
     summary = run(contexts, RuleTeacher(seed), output, kinds=kinds, concurrency=1, seed=seed, progress=progress)
     short = short_answer_records(shapes, "train", int(section.get("questions_per_record", 8)), seed=seed)
-    target = finish(output, kinds, seed=seed, extra=short)
-    records = json.loads(target.read_text())
+    records = merged_records(output, kinds, seed=seed, extra=short)
     mixed = ""
     if "recap" in recipe:  # written before captions.json, the file that marks the step complete
         recaps = _caption_records(_stage1_captions("shape_first", shapes, seed), shapes)
@@ -267,10 +266,10 @@ def _datagen(recipe: dict, shapes: Path, output: Path, seed: int, progress: bool
         if count > len(recaps):
             raise TrainConfigError(f"recipe section 'datagen': stage2_recaptions {count} is more than the "
                                    f"{len(recaps)} re-captions")
-        if count:  # LLaVA-NeXT's stage 2 mixes re-captioned data into the instruction data
+        if count:  # LLaVA-NeXT's stage 2 mixes re-captioned data into the instruction data, after the shuffle
             records += [dict(r, id=f"re{r['id']}") for r in random.Random(seed).sample(recaps, count)]
-            atomic_write_text(target, json.dumps(records))
             mixed = f" ({count} of them re-captions)"
+    atomic_write_text(output / "llava_instruct.json", json.dumps(records))
     captions = _write_captions(output / "captions.json", _stage1_captions(section.get("captions", "coco"), shapes,
                                                                           seed), shapes)
     written = sum(summary.written.values()) + sum(summary.skipped.values())

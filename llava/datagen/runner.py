@@ -135,15 +135,20 @@ def run(contexts: list[Context], teacher, output: str | Path, kinds: tuple[str, 
     return summary
 
 
-def finish(output: str | Path, kinds: tuple[str, ...] = KINDS, name: str = "llava_instruct.json",
-           seed: int = 0, extra: list[dict] | None = None) -> Path:
-    """All kinds' records (plus `extra` ones), shuffled with `seed`, as one LLaVA JSON file."""
-    output = Path(output)
+def merged_records(output: str | Path, kinds: tuple[str, ...] = KINDS, seed: int = 0,
+                   extra: list[dict] | None = None) -> list[dict]:
+    """All kinds' records (plus `extra` ones), shuffled with `seed`."""
     records = []
     for kind in kinds:
-        records += read_rows(output / f"{kind}.jsonl")
+        records += read_rows(Path(output) / f"{kind}.jsonl")
     records += extra or []
     random.Random(seed).shuffle(records)
-    target = output / name
-    atomic_write_text(target, json.dumps(records))
+    return records
+
+
+def finish(output: str | Path, kinds: tuple[str, ...] = KINDS, name: str = "llava_instruct.json",
+           seed: int = 0, extra: list[dict] | None = None) -> Path:
+    """merged_records as one LLaVA JSON file."""
+    target = Path(output) / name
+    atomic_write_text(target, json.dumps(merged_records(output, kinds, seed=seed, extra=extra)))
     return target
