@@ -27,6 +27,7 @@ BUNDLED = ROOT / "models" / "demo"
 STAGES = {"pretrain": "stage1", "midstage": "stage1_5", "recap": "stage1_5_recap",  # recipe section -> output folder
           "finetune": "stage2"}
 CAPTION_KINDS = ("coco", "shape_first")  # datagen: captions: what stages 1 and 1.5 train on (recap: shape_first)
+LM_CORPUS_FIELDS = ("place_first", "short_answer_suffix")  # lm: shares of the reading exercises (scene_documents)
 
 
 @dataclass
@@ -79,7 +80,11 @@ def _check_recipe(recipe: dict) -> None:
     from .train.lm import LMConfig
 
     _dataclass_from(ClipConfig, recipe["clip"], "clip")
-    _dataclass_from(LMConfig, recipe["lm"], "lm")
+    _dataclass_from(LMConfig, _lm_config_values(recipe["lm"]), "lm")
+    for name in LM_CORPUS_FIELDS:
+        share = recipe["lm"].get(name, 0.0)
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
+            raise TrainConfigError(f"recipe section 'lm': {name} must be a share between 0 and 1, not {share!r}")
     for stage in _stages(recipe):
         _check_fields(TrainConfig, recipe[stage], stage)
     if "recap" in recipe and "midstage" not in recipe:
@@ -235,12 +240,20 @@ def _clip(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
             f"{accuracy['accuracy']:.1%} on {accuracy['n']} test images")
 
 
+def _lm_config_values(section: dict) -> dict:
+    """The lm section less the fields that shape its corpus rather than its training."""
+    return {k: v for k, v in section.items() if k not in LM_CORPUS_FIELDS}
+
+
 def _lm(recipe: dict, shapes: Path, output: Path, progress: bool) -> str:
     from .data.shapes import scene_documents
     from .train.lm import LMConfig, pretrain_lm
 
-    config = _dataclass_from(LMConfig, recipe["lm"], "lm")
-    texts = _caption_texts(shapes, "train") + scene_documents(shapes, "train", seed=int(recipe.get("seed", 0)))
+    section = recipe["lm"]
+    config = _dataclass_from(LMConfig, _lm_config_values(section), "lm")
+    documents = scene_documents(shapes, "train", seed=int(recipe.get("seed", 0)),
+                                **{name: float(section.get(name, 0.0)) for name in LM_CORPUS_FIELDS})
+    texts = _caption_texts(shapes, "train") + documents
     stats = pretrain_lm(texts, _tokenizer(recipe, shapes), config, output, progress=progress)
     return f"{stats['params'] / 1e6:.1f}M params, {stats['tokens']} corpus tokens, loss {stats['loss']:.3f}"
 

@@ -148,6 +148,30 @@ def test_scene_documents_describe_the_scene_then_ask_about_it(world):
     assert text.count("? Yes.") == text.count("? No.") > 10
 
 
+def test_scene_documents_place_first_and_suffix_shares(world):
+    """`lm: place_first` / `short_answer_suffix`: at 1 every description puts each place before its object
+    and every question has LLaVA-1.5's suffix before its answer; at 0.5 about half of each; at 0 the
+    documents are the default ones (the same draws from the same seed)."""
+    default = scene_documents(world, "train", seed=3)
+    assert scene_documents(world, "train", seed=3, place_first=0.0, short_answer_suffix=0.0) == default
+    place = "(?:at|in|on) the [a-z]+(?: left| right)?"
+    after = re.compile(rf"({'|'.join(SHAPES)}) {place}")
+    before = re.compile(rf"{place} an? (?:small |large )?(?:{'|'.join(COLOURS)}) (?:{'|'.join(SHAPES)})")
+    everything = scene_documents(world, "train", seed=3, place_first=1.0, short_answer_suffix=1.0)
+    scenes = {s.file_name: len(s.objects) for s in load_scenes(world, "train")}
+    assert len(everything) == len(default)
+    for document in everything:
+        description = document.split(". ")[0]
+        assert not after.search(description) and description[:3] in ("At ", "In ", "On ")
+        assert len(before.findall(description.lower())) in scenes.values()
+        questions = document.count("?")
+        assert document.count(f"?\n{SHORT_ANSWER_SUFFIX} ") == questions > 0
+    half = scene_documents(world, "train", seed=3, place_first=0.5, short_answer_suffix=0.5)
+    first = sum(d[:3] in ("At ", "In ", "On ") for d in half) / len(half)
+    suffixed = sum(d.count(SHORT_ANSWER_SUFFIX) for d in half) / sum(d.count("?") for d in half)
+    assert 0.35 < first < 0.65 and 0.4 < suffixed < 0.6, (first, suffixed)
+
+
 def test_shape_first_captions_name_every_object_shape_then_colour_then_place(world):
     """`datagen: captions: shape_first` (stages 1 and 1.5): the number of objects, then each object as
     "circle red at the top left", in a fresh order each time (which object comes first varies)."""

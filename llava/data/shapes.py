@@ -181,12 +181,18 @@ def join_words(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _listing(objects: list[ShapeObject], rng: random.Random, with_positions: bool, colours: bool = True) -> str:
-    """The objects in a random order, e.g. "a small red circle at the top left and a blue square"."""
+def _listing(objects: list[ShapeObject], rng: random.Random, with_positions: bool, colours: bool = True,
+             place_first: bool = False) -> str:
+    """The objects in a random order, e.g. "a small red circle at the top left and a blue square"; with
+    `place_first` (and `with_positions`), "at the top left a small red circle and ..."."""
     parts = []
     for obj in rng.sample(objects, len(objects)):
         words = _article(_object_words(obj, rng) if colours else obj.shape)
-        parts.append(f"{words} {position_phrase(obj.position)}" if with_positions else words)
+        if not with_positions:
+            parts.append(words)
+        else:
+            place = position_phrase(obj.position)
+            parts.append(f"{place} {words}" if place_first else f"{words} {place}")
     return join_words(parts)
 
 
@@ -415,12 +421,22 @@ def _questions_by_image(root: str | Path, split: str) -> dict[str, list[tuple[st
     return {image: list(dict.fromkeys(pairs)) for image, pairs in by_image.items()}
 
 
-def scene_documents(root: str | Path, split: str, questions_per_document: int = 6, seed: int = 0) -> list[str]:
+def scene_documents(root: str | Path, split: str, questions_per_document: int = 6, seed: int = 0,
+                    place_first: float = 0.0, short_answer_suffix: float = 0.0) -> list[str]:
     """Text-only reading exercises for the language model's pretraining: a description naming every object
     of a scene with its colour, shape and position, then some of the scene's short-answer and POPE
     questions with their answers ("A red circle at the top left and a blue square in the center. What
     colour is the square? Blue. ..."), as many "No" as "Yes". LLaVA's LLM can already answer questions
-    about a scene described in words; this is where the mini LM learns to, before it ever sees an image."""
+    about a scene described in words; this is where the mini LM learns to, before it ever sees an image.
+
+    `place_first`: the share of descriptions that put each place before its object ("At the top left a red
+    circle and in the center a blue square."). There the object's last word has already read its place,
+    as an image token carries its cell along with its colour and shape, so "Where is the red circle?" is
+    answered by looking the object up and reading the place off what the lookup finds, the way it must be
+    with an image; after the object, the place is copied from the words that follow it instead.
+    `short_answer_suffix`: the share of questions followed by LLaVA-1.5's "Answer the question using a
+    single word or phrase." before their answer, so that the answer is carried across it as in stage 2.
+    At 0 (the default) neither draws from the random stream, and the documents are those of before."""
     rng = random.Random(seed)
     by_image = _questions_by_image(root, split)
     out = []
@@ -428,8 +444,11 @@ def scene_documents(root: str | Path, split: str, questions_per_document: int = 
         pairs = _as_many_no_as_yes(by_image.get(scene.file_name, []), rng)
         rng.shuffle(pairs)
         for start in range(0, len(pairs), questions_per_document):
-            description = f"{_listing(scene.objects, rng, with_positions=True).capitalize()}."
-            asked = [f"{question} {answer}." for question, answer in pairs[start:start + questions_per_document]]
+            first = bool(place_first) and rng.random() < place_first
+            description = f"{_listing(scene.objects, rng, with_positions=True, place_first=first).capitalize()}."
+            asked = [f"{question}\n{SHORT_ANSWER_SUFFIX} {answer}."
+                     if short_answer_suffix and rng.random() < short_answer_suffix else f"{question} {answer}."
+                     for question, answer in pairs[start:start + questions_per_document]]
             out.append(" ".join([description, *asked]))
     return out
 
