@@ -283,12 +283,12 @@ def _datagen(recipe: dict, shapes: Path, output: Path, seed: int, progress: bool
             records += [dict(r, id=f"re{r['id']}") for r in random.Random(seed).sample(recaps, count)]
             mixed = f" ({count} of them re-captions)"
     atomic_write_text(output / "llava_instruct.json", json.dumps(records))
-    captions = _write_captions(output / "captions.json", _stage1_captions(section.get("captions", "coco"), shapes,
-                                                                          seed), shapes)
+    captions = _caption_records(_stage1_captions(section.get("captions", "coco"), shapes, seed), shapes)
+    atomic_write_text(output / "captions.json", json.dumps(captions))
     written = sum(summary.written.values()) + sum(summary.skipped.values())
     recaptions = " and as many shape-first re-captions" if "recap" in recipe else ""
     return (f"{written} teacher records ({', '.join(kinds)}), {len(short)} short-answer records, "
-            f"{len(records)} stage-2 records{mixed}, {captions} stage-1 captions{recaptions}")
+            f"{len(records)} stage-2 records{mixed}, {len(captions)} stage-1 captions{recaptions}")
 
 
 def _data_files(recipe: dict) -> list[str]:
@@ -302,13 +302,6 @@ def _caption_records(captions: list[tuple[str, list[str]]], shapes: Path) -> lis
              "conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
                                {"from": "gpt", "value": caption}]}
             for image, caps in captions for i, caption in enumerate(caps)]
-
-
-def _write_captions(path: Path, captions: list[tuple[str, list[str]]], shapes: Path) -> int:
-    """Caption records written to `path`; their number."""
-    records = _caption_records(captions, shapes)
-    atomic_write_text(path, json.dumps(records))
-    return len(records)
 
 
 def _stage1_captions(kind: str, shapes: Path, seed: int) -> list[tuple[str, list[str]]]:
