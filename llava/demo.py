@@ -85,6 +85,12 @@ def _check_recipe(recipe: dict) -> None:
         share = recipe["lm"].get(name, 0.0)
         if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
             raise TrainConfigError(f"recipe section 'lm': {name} must be a share between 0 and 1, not {share!r}")
+    tokenizer = recipe.get("tokenizer") or {}
+    _check_names({"vocab_size", "plural_stems"}, tokenizer, "tokenizer")
+    stems = tokenizer.get("plural_stems", [])
+    if not isinstance(stems, list) or not all(isinstance(w, str) and w.isalpha() and w.islower() for w in stems):
+        raise TrainConfigError(f"recipe section 'tokenizer': plural_stems must be a list of lower-case words, "
+                               f"not {stems!r}")
     for stage in _stages(recipe):
         _check_fields(TrainConfig, recipe[stage], stage)
     if "recap" in recipe and "midstage" not in recipe:
@@ -193,7 +199,9 @@ def _tokenizer(recipe: dict, shapes: Path):
 
     extra = [t.system for t in conv_templates.values() if t.system] + list(DETAIL_INSTRUCTIONS)
     extra += ["USER: ASSISTANT: Human: Assistant: ### <image>", SHORT_ANSWER_SUFFIX]
-    return train_tokenizer(_corpus(shapes) + extra, int(recipe.get("tokenizer", {}).get("vocab_size", 1024)))
+    section = recipe.get("tokenizer", {})
+    return train_tokenizer(_corpus(shapes) + extra, int(section.get("vocab_size", 1024)),
+                           plural_stems=tuple(section.get("plural_stems", ())))
 
 
 def _shape_names(shapes: Path, split: str) -> list[tuple[str, list[str]]]:

@@ -120,6 +120,25 @@ def test_the_language_model_knows_the_answer_words(demo):
     # token a word, not 20 pieces
     tokenizer = _tokenizer(load_recipe(RECIPE), demo.work / "shapes")
     assert tokenizer.tokenize(SHORT_ANSWER_SUFFIX) == ["▁" + w for w in SHORT_ANSWER_SUFFIX[:-1].split()] + ["."]
+    # with plural_stems, a count question's shape is the word objects are looked up by, the plural a suffix
+    recipe = load_recipe(RECIPE)
+    recipe["tokenizer"]["plural_stems"] = ["circle", "cross"]
+    assert _tokenizer(recipe, demo.work / "shapes").tokenize("How many circles and crosses?") == [
+        "▁How", "▁many", "▁circle", "s", "▁and", "▁cross", "es", "?"]
+
+
+def test_plural_stems_split_plurals_and_leave_the_vocabulary_as_trained():
+    from llava.train.lm import train_tokenizer
+
+    corpus = ["a red circle and a blue cross", "How many circles are there? 2.", "two crosses and two squares"] * 30
+    plain = train_tokenizer(corpus, 400)
+    split = train_tokenizer(corpus, 400, plural_stems=("circle", "cross"))
+    assert split.get_vocab() == plain.get_vocab()  # what a text without those plurals reads is unchanged
+    assert plain.tokenize("circles crosses") == ["▁circles", "▁crosses"]
+    assert split.tokenize("circles crosses squares circle") == ["▁circle", "s", "▁cross", "es", "▁squares",
+                                                                "▁circle"]
+    text = "How many circles are there? two crosses."
+    assert split.decode(split(text)["input_ids"], skip_special_tokens=True) == text
 
 
 @pytest.mark.parametrize("init_std", [0.02, 0.2])
@@ -171,6 +190,11 @@ def test_recipe_errors_name_the_field(tmp_path):
     with pytest.raises(TrainConfigError, match="'datagen': captions must be one of coco, shape_first, not 'shapes_first'"):
         run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
     recipe["datagen"]["captions"] = "coco"
+    recipe["tokenizer"]["plural_stems"] = "circle"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(TrainConfigError, match="'tokenizer': plural_stems must be a list of lower-case words, not"):
+        run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
+    recipe["tokenizer"]["plural_stems"] = ["circle"]
     recipe.pop("midstage")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(TrainConfigError, match="section 'recap' continues stage 1.5 from its model: add a 'midstage'"):

@@ -19,10 +19,12 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "<pad>", "</s>")
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!:;'\"()[]{}#/<>|_-+=*%&\n"
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 1024, eos: bool = False):
+def train_tokenizer(texts: list[str], vocab_size: int = 1024, eos: bool = False, plural_stems: tuple[str, ...] = ()):
     """A Llama-style tokenizer (metaspace BPE, <s> prepended) trained on `texts`; with `eos`, </s> is
-    also appended (what CLIP's text encoder pools at)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    also appended (what CLIP's text encoder pools at). Each noun of `plural_stems` has its plural split
+    into stem and suffix ("circles" -> "▁circle" "s", "crosses" -> "▁cross" "es"), after training, so the
+    vocabulary is the one trained either way."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -32,6 +34,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024, eos: bool = False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=list(ALPHABET), show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    if plural_stems:
+        plurals = "|".join(f"(?<={stem}){'es' if stem.endswith(('s', 'x', 'sh', 'ch')) else 's'}$"
+                           for stem in plural_stems)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([tok.pre_tokenizer,
+                                                     pre_tokenizers.Split(Regex(plurals), behavior="isolated")])
     return with_eos(PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                             unk_token="<unk>", pad_token="<pad>"), eos)
 
