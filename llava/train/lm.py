@@ -5,6 +5,7 @@ Saved as transformers saves them (LlamaForCausalLM + tokenizer), so stage 1 load
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024, eos: bool = False,
                                   initial_alphabet=list(ALPHABET), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     if plural_stems:
-        plurals = "|".join(f"(?<={stem}){'es' if stem.endswith(('s', 'x', 'sh', 'ch')) else 's'}$"
+        plurals = "|".join(f"(?<={re.escape(stem)}){'es' if stem.endswith(('s', 'x', 'sh', 'ch')) else 's'}$"
                            for stem in plural_stems)
         tok.pre_tokenizer = pre_tokenizers.Sequence([tok.pre_tokenizer,
                                                      pre_tokenizers.Split(Regex(plurals), behavior="isolated")])
