@@ -13,6 +13,7 @@ import torch
 
 from ..core.errors import TrainConfigError
 from ..core.io import atomic_dir
+from ..data.shapes import plural
 from .optim import adamw_with_cosine
 
 # Specials in this order keep </s> off id 2, which CLIP's text model reads as a legacy marker.
@@ -36,8 +37,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024, eos: bool = False,
                                   initial_alphabet=list(ALPHABET), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     if plural_stems:
-        plurals = "|".join(f"(?<={re.escape(stem)}){'es' if stem.endswith(('s', 'x', 'sh', 'ch')) else 's'}$"
-                           for stem in plural_stems)
+        plurals = "|".join(f"(?<={re.escape(stem)}){re.escape(plural(stem)[len(stem):])}$" for stem in plural_stems)
         tok.pre_tokenizer = pre_tokenizers.Sequence([tok.pre_tokenizer,
                                                      pre_tokenizers.Split(Regex(plurals), behavior="isolated")])
     return with_eos(PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
