@@ -199,7 +199,7 @@ def _tokenizer(recipe: dict, shapes: Path):
 
     extra = [t.system for t in conv_templates.values() if t.system] + list(DETAIL_INSTRUCTIONS)
     extra += ["USER: ASSISTANT: Human: Assistant: ### <image>", SHORT_ANSWER_SUFFIX]
-    section = recipe.get("tokenizer", {})
+    section = recipe.get("tokenizer") or {}  # an empty section reads as None, as _check_recipe allows
     return train_tokenizer(_corpus(shapes) + extra, int(section.get("vocab_size", 1024)),
                            plural_stems=tuple(section.get("plural_stems", ())))
 
