@@ -27,7 +27,7 @@ BUNDLED = ROOT / "models" / "demo"
 STAGES = {"pretrain": "stage1", "midstage": "stage1_5", "recap": "stage1_5_recap",  # recipe section -> output folder
           "finetune": "stage2"}
 CAPTION_KINDS = ("coco", "shape_first")  # datagen: captions: what stages 1 and 1.5 train on (recap: shape_first)
-LM_CORPUS_FIELDS = ("place_first", "short_answer_suffix")  # lm: shares of the reading exercises (scene_documents)
+LM_CORPUS_FIELDS = ("place_first", "short_answer_suffix", "shape_first")  # lm: shares of the reading exercises (scene_documents)
 
 
 @dataclass
@@ -85,6 +85,9 @@ def _check_recipe(recipe: dict) -> None:
         share = recipe["lm"].get(name, 0.0)
         if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
             raise TrainConfigError(f"recipe section 'lm': {name} must be a share between 0 and 1, not {share!r}")
+    if recipe["lm"].get("place_first", 0.0) + recipe["lm"].get("shape_first", 0.0) > 1:
+        raise TrainConfigError("recipe section 'lm': place_first + shape_first must be at most 1 (each is a share "
+                               "of the descriptions)")
     tokenizer = recipe.get("tokenizer") or {}
     _check_names({"vocab_size", "plural_stems"}, tokenizer, "tokenizer")
     stems = tokenizer.get("plural_stems", [])

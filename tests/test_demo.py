@@ -185,6 +185,11 @@ def test_recipe_errors_name_the_field(tmp_path):
     with pytest.raises(TrainConfigError, match="section 'lm': place_first must be a share between 0 and 1, not 1.5"):
         run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
     recipe["lm"]["place_first"] = 0.5
+    recipe["lm"]["shape_first"] = 0.75
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(TrainConfigError, match="section 'lm': place_first \\+ shape_first must be at most 1"):
+        run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
+    recipe["lm"].pop("shape_first")
     recipe["datagen"]["captions"] = "shapes_first"
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(TrainConfigError, match="'datagen': captions must be one of coco, shape_first, not 'shapes_first'"):

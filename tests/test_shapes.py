@@ -174,6 +174,23 @@ def test_scene_documents_place_first_and_suffix_shares(world):
     assert 0.35 < first < 0.65 and 0.4 < suffixed < 0.6, (first, suffixed)
 
 
+def test_scene_documents_shape_first_share_writes_descriptions_as_the_recap_captions(world):
+    """`lm: shape_first`: that share of the descriptions names each object shape first ("circle red at the
+    top left"), from what place_first leaves; at 0 the documents are unchanged."""
+    base = scene_documents(world, "train", seed=3, place_first=0.5)
+    assert scene_documents(world, "train", seed=3, place_first=0.5, shape_first=0.0) == base
+    item = re.compile(rf"({'|'.join(SHAPES)}) ({'|'.join(COLOURS)}) (?:at|in|on) the ([a-z]+(?: left| right)?)")
+    scenes = {frozenset((o.shape, o.colour, o.position) for o in s.objects) for s in load_scenes(world, "train")}
+    every = scene_documents(world, "train", seed=3, shape_first=1.0)
+    assert {frozenset(item.findall(d.split(". ")[0])) for d in every} == scenes
+    assert not any(re.search(rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})", d.split(". ")[0]) for d in every)
+    mixed = scene_documents(world, "train", seed=3, place_first=0.5, shape_first=0.25)
+    kinds = [("shape" if item.search(d.split(". ")[0]) else "place" if d[:3] in ("At ", "In ", "On ") else "object")
+             for d in mixed]
+    shares = {k: kinds.count(k) / len(kinds) for k in ("place", "shape", "object")}
+    assert 0.35 < shares["place"] < 0.65 and 0.1 < shares["shape"] < 0.4 and 0.1 < shares["object"] < 0.4, shares
+
+
 def test_shape_first_captions_name_every_object_shape_then_colour_then_place(world):
     """`datagen: captions: shape_first` (stages 1 and 1.5): the number of objects, then each object as
     "circle red at the top left", in a fresh order each time (which object comes first varies)."""

@@ -422,7 +422,7 @@ def _questions_by_image(root: str | Path, split: str) -> dict[str, list[tuple[st
 
 
 def scene_documents(root: str | Path, split: str, questions_per_document: int = 6, seed: int = 0,
-                    place_first: float = 0.0, short_answer_suffix: float = 0.0) -> list[str]:
+                    place_first: float = 0.0, short_answer_suffix: float = 0.0, shape_first: float = 0.0) -> list[str]:
     """Text-only reading exercises for the language model's pretraining: a description naming every object
     of a scene with its colour, shape and position, then some of the scene's short-answer and POPE
     questions with their answers ("A red circle at the top left and a blue square in the center. What
@@ -436,7 +436,12 @@ def scene_documents(root: str | Path, split: str, questions_per_document: int = 
     with an image; after the object, the place is copied from the words that follow it instead.
     `short_answer_suffix`: the share of questions followed by LLaVA-1.5's "Answer the question using a
     single word or phrase." before their answer, so that the answer is carried across it as in stage 2.
-    At 0 (the default) neither draws from the random stream, and the documents are those of before."""
+    `shape_first`: the share of descriptions written as the recap stage's captions, each object's shape
+    before its colour ("Two shapes: circle red at the top left and square blue in the center."), where
+    "red circle" is not a pair of neighbouring words: "Where is the red circle?" is then answered by
+    finding the word that is both, as an image token is, not by matching the question's words in order.
+    Drawn from what place_first leaves (place_first + shape_first <= 1).
+    At 0 (the default) none draws from the random stream, and the documents are those of before."""
     rng = random.Random(seed)
     by_image = _questions_by_image(root, split)
     out = []
@@ -444,8 +449,12 @@ def scene_documents(root: str | Path, split: str, questions_per_document: int = 
         pairs = _as_many_no_as_yes(by_image.get(scene.file_name, []), rng)
         rng.shuffle(pairs)
         for start in range(0, len(pairs), questions_per_document):
-            first = bool(place_first) and rng.random() < place_first
-            description = f"{_listing(scene.objects, rng, with_positions=True, place_first=first).capitalize()}."
+            draw = rng.random() if place_first or shape_first else 1.0
+            if place_first <= draw < place_first + shape_first:
+                description = shape_first_captions(scene, rng, 1)[0]
+            else:
+                description = (f"{_listing(scene.objects, rng, with_positions=True, place_first=draw < place_first)}"
+                               .capitalize() + ".")
             asked = [f"{question}\n{SHORT_ANSWER_SUFFIX} {answer}."
                      if short_answer_suffix and rng.random() < short_answer_suffix else f"{question} {answer}."
                      for question, answer in pairs[start:start + questions_per_document]]
