@@ -27,7 +27,8 @@ BUNDLED = ROOT / "models" / "demo"
 STAGES = {"pretrain": "stage1", "midstage": "stage1_5", "recap": "stage1_5_recap",  # recipe section -> output folder
           "finetune": "stage2"}
 CAPTION_KINDS = ("coco", "shape_first")  # datagen: captions: what stages 1 and 1.5 train on (recap: shape_first)
-LM_CORPUS_FIELDS = ("place_first", "short_answer_suffix", "shape_first")  # lm: shares of the reading exercises (scene_documents)
+# lm: shares of the reading exercises (scene_documents)
+LM_CORPUS_FIELDS = ("place_first", "short_answer_suffix", "shape_first")
 
 
 @dataclass
