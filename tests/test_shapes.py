@@ -14,6 +14,9 @@ from llava.data.dataset import LlavaDataset
 from llava.data.shapes import (COLOURS, NUMBERS, SHAPES, SHORT_ANSWER_SUFFIX, load_scenes, scene_documents,
                                shape_first_captions, short_answer_records, synth)
 
+# one object as the recap captions name it: "circle red at the top left" -> (shape, colour, place)
+SHAPE_FIRST_ITEM = re.compile(rf"({'|'.join(SHAPES)}) ({'|'.join(COLOURS)}) (?:at|in|on) the ([a-z]+(?: left| right)?)")
+
 
 def _digest(folder):
     h = hashlib.sha256()
@@ -179,14 +182,13 @@ def test_scene_documents_shape_first_share_writes_descriptions_as_the_recap_capt
     top left"), from what place_first leaves; at 0 the documents are unchanged."""
     base = scene_documents(world, "train", seed=3, place_first=0.5)
     assert scene_documents(world, "train", seed=3, place_first=0.5, shape_first=0.0) == base
-    item = re.compile(rf"({'|'.join(SHAPES)}) ({'|'.join(COLOURS)}) (?:at|in|on) the ([a-z]+(?: left| right)?)")
     scenes = {frozenset((o.shape, o.colour, o.position) for o in s.objects) for s in load_scenes(world, "train")}
     every = scene_documents(world, "train", seed=3, shape_first=1.0)
-    assert {frozenset(item.findall(d.split(". ")[0])) for d in every} == scenes
+    assert {frozenset(SHAPE_FIRST_ITEM.findall(d.split(". ")[0])) for d in every} == scenes
     assert not any(re.search(rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})", d.split(". ")[0]) for d in every)
     mixed = scene_documents(world, "train", seed=3, place_first=0.5, shape_first=0.25)
-    kinds = [("shape" if item.search(d.split(". ")[0]) else "place" if d[:3] in ("At ", "In ", "On ") else "object")
-             for d in mixed]
+    kinds = [("shape" if SHAPE_FIRST_ITEM.search(d.split(". ")[0])
+              else "place" if d[:3] in ("At ", "In ", "On ") else "object") for d in mixed]
     shares = {k: kinds.count(k) / len(kinds) for k in ("place", "shape", "object")}
     assert 0.35 < shares["place"] < 0.65 and 0.1 < shares["shape"] < 0.4 and 0.1 < shares["object"] < 0.4, shares
 
@@ -194,7 +196,6 @@ def test_scene_documents_shape_first_share_writes_descriptions_as_the_recap_capt
 def test_shape_first_captions_name_every_object_shape_then_colour_then_place(world):
     """`datagen: captions: shape_first` (stages 1 and 1.5): the number of objects, then each object as
     "circle red at the top left", in a fresh order each time (which object comes first varies)."""
-    item = re.compile(rf"({'|'.join(SHAPES)}) ({'|'.join(COLOURS)}) (?:at|in|on) the ([a-z]+(?: left| right)?)")
     rng = random.Random(0)
     firsts = set()
     for scene in load_scenes(world, "train"):
@@ -204,8 +205,8 @@ def test_shape_first_captions_name_every_object_shape_then_colour_then_place(wor
         for text in texts:
             head, listing = text.split(": ")
             assert head.split()[0] == NUMBERS[len(objects)].capitalize() and listing.endswith(".")
-            assert sorted(item.findall(listing)) == objects, text
-            firsts.add((scene.id, item.findall(listing)[0]))
+            assert sorted(SHAPE_FIRST_ITEM.findall(listing)) == objects, text
+            firsts.add((scene.id, SHAPE_FIRST_ITEM.findall(listing)[0]))
     assert len(firsts) > len(load_scenes(world, "train"))  # some scene was listed from different objects
 
 

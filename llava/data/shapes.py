@@ -453,8 +453,8 @@ def scene_documents(root: str | Path, split: str, questions_per_document: int = 
             if place_first <= draw < place_first + shape_first:
                 description = shape_first_captions(scene, rng, 1)[0]
             else:
-                description = (f"{_listing(scene.objects, rng, with_positions=True, place_first=draw < place_first)}"
-                               .capitalize() + ".")
+                listing = _listing(scene.objects, rng, with_positions=True, place_first=draw < place_first)
+                description = f"{listing.capitalize()}."
             asked = [f"{question}\n{SHORT_ANSWER_SUFFIX} {answer}."
                      if short_answer_suffix and rng.random() < short_answer_suffix else f"{question} {answer}."
                      for question, answer in pairs[start:start + questions_per_document]]
