@@ -107,6 +107,22 @@ def test_loss_falls_and_logs_metrics_and_plot(tmp_path, checkpoints, colours):
     assert saved["data"] == str(colours)
 
 
+def test_token_mean_loss_makes_micro_batches_train_as_one_batch(tmp_path, checkpoints, colours):
+    """With token_mean_loss, two micro-batches of 4 step as one batch of the same 8 samples does (as
+    transformers' Trainer since num_items_in_batch); without, each micro-batch's mean counts alike however
+    many answer tokens it has (the original LLaVA's arithmetic), and the weights come out different."""
+    def trained(name, **kwargs):  # the colour answers are 4 tokens, the text-only ones 10: steps mix both
+        config = _config(model=str(checkpoints("llava_crop")), data=str(colours), output=str(tmp_path / name),
+                         max_steps=3, group_by_modality_length=False, **kwargs)
+        return {n: p.detach().clone() for n, p in train(config).model.named_parameters()}
+
+    one_batch = trained("one", batch_size=8, grad_accum=1)
+    token_mean = trained("token_mean", batch_size=4, grad_accum=2, token_mean_loss=True)
+    batch_means = trained("batch_means", batch_size=4, grad_accum=2)
+    assert all(torch.allclose(one_batch[n], token_mean[n], rtol=0, atol=2e-6) for n in one_batch)
+    assert max((one_batch[n] - batch_means[n]).abs().max() for n in one_batch) > 1e-4
+
+
 def test_pretrain_from_parts_keeps_llm_and_vision_and_loads_in_transformers(tmp_path, parts, colours):
     vision, lm = parts
     out = tmp_path / "stage1"

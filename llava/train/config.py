@@ -60,6 +60,10 @@ class TrainConfig:
     max_steps: int = -1                      # > 0 overrides epochs
     batch_size: int = 16                     # per process
     grad_accum: int = 1
+    token_mean_loss: bool = False            # a step's loss is the mean over all its answer tokens, every micro-batch
+                                             # and process, as transformers' Trainer has computed it since 4.46
+                                             # (num_items_in_batch); False: the mean of the micro-batches' means, as
+                                             # the original LLaVA's (4.31). Alike with grad_accum 1 on one process
     lr: float | None = None                  # default: 1e-3 pretrain, 2e-5 finetune, 2e-4 LoRA
     weight_decay: float = 0.0
     adam_beta1: float = 0.9

@@ -2,7 +2,8 @@
 DeepSpeed) with no code change.
 
 Per optimizer step: grad_accum micro-batches (mean loss over a micro-batch's answer tokens, averaged
-over micro-batches and processes, as the original LLaVA's Trainer does), gradient clipping, AdamW,
+over micro-batches and processes, as the original LLaVA's Trainer does; with token_mean_loss the mean
+over all the step's answer tokens, as transformers' Trainer now does), gradient clipping, AdamW,
 then the scheduler (cosine with warmup by default). Data order is a pure function of (seed, epoch),
 so a checkpoint only needs the number of micro-batches consumed to resume exactly.
 """
@@ -126,13 +127,14 @@ def _train(accelerator, config: TrainConfig, on_step) -> TrainResult:
     while state.step < total_steps:
         step_start = time.perf_counter()
         losses, tokens = [], 0
-        for _ in range(config.grad_accum):
-            batch = next(batches)
+        micro = [next(batches) for _ in range(config.grad_accum)]
+        weights = _loss_weights(micro, config, accelerator)
+        for batch, weight in zip(micro, weights):
             state.micro_batches += 1
             with accelerator.accumulate(model):
                 loss, n_tokens = _micro_step(model, batch, accelerator, trainable, image_side)
-                accelerator.backward(loss)
-            losses.append(loss.detach().float())
+                accelerator.backward(loss * weight)
+            losses.append(loss.detach().float() * weight)
             tokens += n_tokens
         grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
         optimizer.step()
@@ -141,6 +143,7 @@ def _train(accelerator, config: TrainConfig, on_step) -> TrainResult:
         state.step += 1
 
         loss_value = accelerator.reduce(torch.stack(losses).mean().to(accelerator.device), "mean").item()
+        # with token_mean_loss, the weights make this mean the step's mean over its answer tokens
         step_tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum").item())
         state.tokens += step_tokens
         state.elapsed_s += time.perf_counter() - step_start
@@ -200,6 +203,24 @@ def _prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
     set_trainable(model, config)
     upcast_trainable(model)
     return model
+
+
+def _answer_tokens(batch) -> int:
+    """The positions a micro-batch's loss averages over (labels shifted by one, as causal_lm_loss does)."""
+    return 0 if batch is None else int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _loss_weights(micro: list, config: TrainConfig, accelerator) -> list[float]:
+    """What each micro-batch's mean loss is multiplied by before backward. 1 (the mean of the micro-batches'
+    means); with token_mean_loss, its share of the step's answer tokens over all processes times grad_accum
+    and processes (which backward and the gradient all-reduce divide by again), so the gradient is that of
+    the mean over every answer token of the step, as one batch of them all would give."""
+    if not config.token_mean_loss:
+        return [1.0] * len(micro)
+    counts = [_answer_tokens(batch) for batch in micro]
+    total = int(accelerator.reduce(torch.tensor(sum(counts), device=accelerator.device), "sum").item())
+    scale = len(micro) * accelerator.num_processes / max(total, 1)
+    return [count * scale for count in counts]
 
 
 def _micro_step(model, batch, accelerator, trainable, image_side) -> tuple[torch.Tensor, int]:
