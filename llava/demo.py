@@ -100,7 +100,8 @@ def _check_recipe(recipe: dict) -> None:
     if "recap" in recipe and "midstage" not in recipe:
         raise TrainConfigError("recipe section 'recap' continues stage 1.5 from its model: add a 'midstage' section")
     datagen = recipe["datagen"] or {}
-    _check_names({"kinds", "questions_per_record", "captions", "stage2_recaptions"}, datagen, "datagen")
+    _check_names({"kinds", "questions_per_record", "captions", "stage2_recaptions", "lookup_questions"}, datagen,
+                 "datagen")
     count = datagen.get("stage2_recaptions", 0)
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         raise TrainConfigError(f"recipe section 'datagen': stage2_recaptions must be a whole number >= 0, "
@@ -108,6 +109,9 @@ def _check_recipe(recipe: dict) -> None:
     if count and "recap" not in recipe:
         raise TrainConfigError("recipe section 'datagen': stage2_recaptions draws from the recap section's "
                                "re-captions: add a 'recap' section")
+    if not isinstance(datagen.get("lookup_questions", False), bool):
+        raise TrainConfigError(f"recipe section 'datagen': lookup_questions must be true or false, "
+                               f"not {datagen['lookup_questions']!r}")
     if datagen.get("captions", "coco") not in CAPTION_KINDS:
         raise TrainConfigError(f"recipe section 'datagen': captions must be one of {', '.join(CAPTION_KINDS)}, "
                                f"not {datagen['captions']!r}")
@@ -281,7 +285,8 @@ def _datagen(recipe: dict, shapes: Path, output: Path, seed: int, progress: bool
     contexts = load_coco(shapes / "annotations" / "captions_train.json",
                          shapes / "annotations" / "instances_train.json")
     summary = run(contexts, RuleTeacher(seed), output, kinds=kinds, concurrency=1, seed=seed, progress=progress)
-    short = short_answer_records(shapes, "train", int(section.get("questions_per_record", 8)), seed=seed)
+    short = short_answer_records(shapes, "train", int(section.get("questions_per_record", 8)), seed=seed,
+                                 lookups=bool(section.get("lookup_questions", False)))
     records = merged_records(output, kinds, seed=seed, extra=short)
     mixed = ""
     if "recap" in recipe:  # written before captions.json, the file that marks the step complete

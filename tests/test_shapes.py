@@ -11,8 +11,8 @@ from PIL import Image
 
 from llava.core.errors import DataError
 from llava.data.dataset import LlavaDataset
-from llava.data.shapes import (COLOURS, NUMBERS, SHAPES, SHORT_ANSWER_SUFFIX, load_scenes, scene_documents,
-                               shape_first_captions, short_answer_records, synth)
+from llava.data.shapes import (CELLS, COLOURS, NUMBERS, SHAPES, SHORT_ANSWER_SUFFIX, load_scenes, lookup_questions,
+                               position_phrase, scene_documents, shape_first_captions, short_answer_records, synth)
 
 # one object as the recap captions name it: "circle red at the top left" -> (shape, colour, place)
 SHAPE_FIRST_ITEM = re.compile(rf"({'|'.join(SHAPES)}) ({'|'.join(COLOURS)}) (?:at|in|on) the ([a-z]+(?: left| right)?)")
@@ -129,6 +129,53 @@ def test_short_answer_records_ask_yes_no_questions_half_yes_half_no(world):
     questions = [(r["image"], t["value"].removeprefix("<image>\n").split("\n")[0])
                  for r in records for t in r["conversations"][0::2]]
     assert len(questions) == len(set(questions))  # no question asked twice about one image
+
+
+def test_lookup_questions_find_an_object_by_one_key_and_answer_from_the_scene(world):
+    """Each object is looked up by its place ("What is at the top left?", its colour or shape at that
+    place), by its shape or its colour where no other object shares it, and one empty cell is asked
+    about ("Nothing"); every answer is the scene's."""
+    rng = random.Random(0)
+    places = {position_phrase(name): name for name in CELLS}
+    for scene in load_scenes(world, "train"):
+        at = {o.position: o for o in scene.objects}
+        asked = lookup_questions(scene, rng)
+        assert len(asked) == len({q for q, _ in asked})
+        keys = []
+        for question, answer in asked:
+            where = re.fullmatch(r"Where is the (\w+)(?: object)?\?", question)
+            if where:
+                word = where.group(1)
+                matches = [o for o in scene.objects if word in (o.shape, o.colour)]
+                assert len(matches) == 1 and answer == matches[0].position.capitalize()
+                keys.append(word)
+                continue
+            kind, place = re.fullmatch(r"What (is|colour is the shape|shape is) (.+)\?", question).groups()
+            obj = at.get(places[place])
+            expected = {"is": obj.name if obj else "nothing", "colour is the shape": obj and obj.colour,
+                        "shape is": obj and obj.shape}[kind]
+            assert answer == expected.capitalize()
+            keys.append(places[place])
+        assert set(keys) >= {o.position for o in scene.objects}  # every object by its place
+        assert sum(key not in at for key in keys if key in CELLS) == 1  # one empty cell
+        assert {k for k in keys if k in SHAPES} == {o.shape for o in scene.objects
+                                                    if sum(p.shape == o.shape for p in scene.objects) == 1}
+        assert {k for k in keys if k in COLOURS} == {o.colour for o in scene.objects
+                                                     if sum(p.colour == o.colour for p in scene.objects) == 1}
+
+
+def test_short_answer_records_with_lookups_add_them_to_the_short_questions(world):
+    def pairs(records):  # the POPE questions answered No are a random half, drawn anew
+        return {(r["image"], q["value"].removeprefix("<image>\n").removesuffix("\n<image>").split("\n")[0],
+                 a["value"]) for r in records for q, a in zip(r["conversations"][0::2], r["conversations"][1::2])
+                if a["value"] != "No" or not q["value"].startswith(("Is there", "<image>\nIs there"))}
+
+    plain, more = pairs(short_answer_records(world, "train")), pairs(short_answer_records(world, "train", lookups=True))
+    added = more - plain
+    assert plain < more and {q for _, q, _ in added} >= {"What is at the top left?", "What is in the center?"}
+    assert all(q.startswith(("What is ", "What colour is the shape ", "What shape is ", "Where is the "))
+               for _, q, _ in added)
+    assert short_answer_records(world, "train") == short_answer_records(world, "train", lookups=False)
 
 
 def test_scene_documents_describe_the_scene_then_ask_about_it(world):

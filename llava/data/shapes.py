@@ -274,6 +274,28 @@ def short_questions(scene: Scene, rng: random.Random) -> list[dict]:
     return [{"category": kind, "text": text, "answer": answer} for kind, text, answer in out]
 
 
+def lookup_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """Training-only short questions that find an object by one key, its place, its shape or its colour
+    (the benchmark's questions mostly name two): "What is at the top left?" ("Red circle", or "Nothing"
+    for an empty cell), "What colour is the shape in the center?", "What shape is on the left?", "Where is
+    the circle?" where it is the only circle, "Where is the red object?" where it is the only red one."""
+    objects = scene.objects
+    out = []
+    for obj in objects:
+        place = position_phrase(obj.position)
+        out.append(rng.choice([(f"What is {place}?", obj.name), (f"What colour is the shape {place}?", obj.colour),
+                               (f"What shape is {place}?", obj.shape)]))
+        if sum(o.shape == obj.shape for o in objects) == 1:
+            out.append((f"Where is the {obj.shape}?", obj.position))
+        if sum(o.colour == obj.colour for o in objects) == 1:
+            out.append((f"Where is the {obj.colour} object?", obj.position))
+    taken = {o.position for o in objects}
+    empty = [name for name in CELLS if name not in taken]
+    if empty:
+        out.append((f"What is {position_phrase(rng.choice(empty))}?", "nothing"))
+    return [(question, answer.capitalize()) for question, answer in out]
+
+
 ALL_OBJECTS = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
 
@@ -471,15 +493,21 @@ def _as_many_no_as_yes(pairs: list[tuple[str, str]], rng: random.Random) -> list
     return [pair for pair in pairs if pair[1] != "No" or pair in keep]
 
 
-def short_answer_records(root: str | Path, split: str, questions_per_record: int = 8, seed: int = 0) -> list[dict]:
+def short_answer_records(root: str | Path, split: str, questions_per_record: int = 8, seed: int = 0,
+                         lookups: bool = False) -> list[dict]:
     """LLaVA-format training records from the short-answer and POPE questions of a split, as
     LLaVA-1.5 turns its academic VQA data into conversations: each question with the
     short-answer suffix, several questions about one image in one multi-turn record. Yes/no questions
-    are half yes, half no, as in POPE itself."""
+    are half yes, half no, as in POPE itself. `lookups` adds each scene's `lookup_questions` (training data
+    only: the benchmark does not ask them), drawn from a random stream of their own."""
     rng = random.Random(seed)
+    extra_rng = random.Random(f"lookups-{seed}")
+    scenes = {scene.file_name: scene for scene in load_scenes(root, split)} if lookups else {}
     records = []
     for image, pairs in _questions_by_image(root, split).items():
         pairs = _as_many_no_as_yes(pairs, rng)
+        if lookups:
+            pairs += lookup_questions(scenes[image], extra_rng)
         rng.shuffle(pairs)
         for start in range(0, len(pairs), questions_per_record):
             turns = []
