@@ -214,6 +214,11 @@ def test_recipe_errors_name_the_field(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(TrainConfigError, match="stage2_recaptions must be a whole number >= 0, not -1"):
         run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
+    recipe["datagen"]["stage2_recaptions"] = 0
+    recipe["datagen"]["lookup_questions"] = "yes"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(TrainConfigError, match="'datagen': lookup_questions must be true or false, not 'yes'"):
+        run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
 
 
 needs_bundled = pytest.mark.skipif(not (BUNDLED / "config.json").exists(), reason="no bundled demo model")
@@ -252,7 +257,7 @@ def test_bundled_model_finds_an_object_by_its_colour_word_and_by_its_shape_word(
     """How the bundled model picks out the object a question names (README, "demo"): at the colour word
     of "What shape is the red object?" one attention head of the LM's first layer puts nearly all of its
     attention on the image tokens onto the red object's token (99% in the bundled model), and at the shape
-    word of "What colour is the circle?" another head does much the same for the circle (89%, with 81% in a
+    word of "What colour is the circle?" another head does much the same for the circle (95%, with 76% in a
     third head). Stage 1.5 on the synth captions ("a red
     circle") keys a head by the colour, the word they lead with; the recap stage on shape-first captions
     ("circle red") adds the head keyed by the shape."""
@@ -285,5 +290,5 @@ def test_bundled_model_finds_an_object_by_its_colour_word_and_by_its_shape_word(
                 share[key].append(row[:, image[CELLS[obj.position]]] / row[:, image].sum(-1))
     colour, shape = torch.stack(share["colour"]).mean(0), torch.stack(share["shape"]).mean(0)
     assert len(share["colour"]) >= 20 and len(share["shape"]) >= 20
-    assert colour.max() > 0.85 and shape.max() > 0.85, (colour, shape)  # chance: 1/9 on each of the 9 tokens
+    assert colour.max() > 0.9 and shape.max() > 0.9, (colour, shape)  # chance: 1/9 on each of the 9 tokens
     assert colour.argmax() != shape.argmax()  # two heads, one key each
