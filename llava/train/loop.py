@@ -232,7 +232,7 @@ def _micro_step(model, batch, accelerator, trainable, image_side) -> tuple[torch
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], labels=batch["labels"],
                     use_cache=False)
-    if int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == 0:  # nothing to learn (all truncated)
+    if _answer_tokens(batch) == 0:  # nothing to learn (all truncated)
         loss = outputs.logits.sum() * 0.0
     else:
         loss = outputs.loss
