@@ -100,8 +100,8 @@ def _check_recipe(recipe: dict) -> None:
     if "recap" in recipe and "midstage" not in recipe:
         raise TrainConfigError("recipe section 'recap' continues stage 1.5 from its model: add a 'midstage' section")
     datagen = recipe["datagen"] or {}
-    _check_names({"kinds", "questions_per_record", "captions", "stage2_recaptions", "lookup_questions"}, datagen,
-                 "datagen")
+    _check_names({"kinds", "questions_per_record", "captions", "stage2_recaptions", "lookup_questions",
+                  "recap_place_first"}, datagen, "datagen")
     count = datagen.get("stage2_recaptions", 0)
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         raise TrainConfigError(f"recipe section 'datagen': stage2_recaptions must be a whole number >= 0, "
@@ -109,6 +109,13 @@ def _check_recipe(recipe: dict) -> None:
     if count and "recap" not in recipe:
         raise TrainConfigError("recipe section 'datagen': stage2_recaptions draws from the recap section's "
                                "re-captions: add a 'recap' section")
+    share = datagen.get("recap_place_first", 0.0)
+    if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
+        raise TrainConfigError(f"recipe section 'datagen': recap_place_first must be a share between 0 and 1, "
+                               f"not {share!r}")
+    if share and "recap" not in recipe:
+        raise TrainConfigError("recipe section 'datagen': recap_place_first is a share of the recap section's "
+                               "captions: add a 'recap' section")
     if not isinstance(datagen.get("lookup_questions", False), bool):
         raise TrainConfigError(f"recipe section 'datagen': lookup_questions must be true or false, "
                                f"not {datagen['lookup_questions']!r}")
@@ -290,7 +297,8 @@ def _datagen(recipe: dict, shapes: Path, output: Path, seed: int, progress: bool
     records = merged_records(output, kinds, seed=seed, extra=short)
     mixed = ""
     if "recap" in recipe:  # written before captions.json, the file that marks the step complete
-        recaps = _caption_records(_stage1_captions("shape_first", shapes, seed), shapes)
+        recaps = _caption_records(_stage1_captions("shape_first", shapes, seed,
+                                                   float(section.get("recap_place_first", 0.0))), shapes)
         atomic_write_text(output / "recaptions.json", json.dumps(recaps))
         count = int(section.get("stage2_recaptions", 0))
         if count > len(recaps):
@@ -321,19 +329,25 @@ def _caption_records(captions: list[tuple[str, list[str]]], shapes: Path) -> lis
             for image, caps in captions for i, caption in enumerate(caps)]
 
 
-def _stage1_captions(kind: str, shapes: Path, seed: int) -> list[tuple[str, list[str]]]:
+def _stage1_captions(kind: str, shapes: Path, seed: int, place_first: float = 0.0) -> list[tuple[str, list[str]]]:
     """Captions to train stage 1 or 1.5 on: the synth captions ("coco"), or as many per image that name each
-    object's shape first ("shape_first", see shapes.shape_first_captions)."""
-    from .data.shapes import load_scenes, shape_first_captions
+    object's shape first ("shape_first", see shapes.shape_first_captions), `place_first` of those, drawn from
+    a random stream of their own, naming each object's place first instead (shapes.place_first_captions)."""
+    from .data.shapes import load_scenes, place_first_captions, shape_first_captions
 
     if kind == "coco":
         return _captions(shapes, "train")
     rng = random.Random(f"{seed}-shape-first")
+    place_rng = random.Random(f"{seed}-place-first")
     counts = {path: len(captions) for path, captions in _captions(shapes, "train")}  # as many as synth wrote
     out = []
     for scene in load_scenes(shapes, "train"):
         path = str(shapes / scene.file_name)
-        out.append((path, shape_first_captions(scene, rng, counts[path])))
+        texts = shape_first_captions(scene, rng, counts[path])
+        if place_first:
+            texts = [place_first_captions(scene, place_rng, 1)[0] if place_rng.random() < place_first else text
+                     for text in texts]
+        out.append((path, texts))
     return out
 
 

@@ -66,6 +66,23 @@ def test_every_step_runs_and_writes_standard_formats(demo):
         assert word in table
 
 
+def test_recap_place_first_replaces_that_share_of_the_recap_captions(demo):
+    """`datagen: recap_place_first`: that share of the recap captions (shape first) is replaced by captions
+    naming each object's place first; at 0 they are those of before, at 1 all are place first."""
+    from llava.demo import _stage1_captions
+
+    shapes = demo.work / "shapes"
+    place_first = re.compile(r"[A-Z][a-z]+ shapes?(?: on [a-z ]+)?: (?:top |middle |bottom )?(?:left|right|center|top|"
+                             r"bottom) [a-z]+ [a-z]+")
+    before = [t for _, texts in _stage1_captions("shape_first", shapes, 0) for t in texts]
+    assert before == [t for _, texts in _stage1_captions("shape_first", shapes, 0, 0.0) for t in texts]
+    assert all(place_first.match(t) for _, texts in _stage1_captions("shape_first", shapes, 0, 1.0) for t in texts)
+    mixed = [t for _, texts in _stage1_captions("shape_first", shapes, 0, 0.5) for t in texts]
+    replaced = [new != old for new, old in zip(mixed, before)]
+    assert len(mixed) == len(before) and abs(sum(replaced) / len(mixed) - 0.5) < 0.1
+    assert all(place_first.match(new) for new, old in zip(mixed, before) if new != old)
+
+
 def test_stage_1_5_trains_projector_and_lm_from_stage_1_then_recap_and_stage_2_start_from_it(demo):
     from safetensors.torch import load_file
 
@@ -215,6 +232,16 @@ def test_recipe_errors_name_the_field(tmp_path):
     with pytest.raises(TrainConfigError, match="stage2_recaptions must be a whole number >= 0, not -1"):
         run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
     recipe["datagen"]["stage2_recaptions"] = 0
+    recipe["datagen"]["recap_place_first"] = 0.5
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(TrainConfigError, match="recap_place_first is a share of the recap section's captions: add"):
+        run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
+    recipe = load_recipe(RECIPE)
+    recipe["datagen"]["recap_place_first"] = 2
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(TrainConfigError, match="'datagen': recap_place_first must be a share between 0 and 1, not 2"):
+        run_demo(tmp_path / "w", tmp_path / "r.yaml", progress=False, log=lambda m: None)
+    recipe["datagen"]["recap_place_first"] = 0
     recipe["datagen"]["lookup_questions"] = "yes"
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(TrainConfigError, match="'datagen': lookup_questions must be true or false, not 'yes'"):
@@ -253,28 +280,32 @@ def test_bundled_model_reproduces_its_published_scores(tmp_path):
 
 
 @needs_bundled
-def test_bundled_model_finds_an_object_by_its_colour_word_and_by_its_shape_word(tmp_path):
+def test_bundled_model_finds_an_object_by_its_colour_its_shape_and_its_place(tmp_path):
     """How the bundled model picks out the object a question names (README, "demo"): at the colour word
     of "What shape is the red object?" one attention head of the LM's first layer puts nearly all of its
-    attention on the image tokens onto the red object's token (99% in the bundled model), and at the shape
-    word of "What colour is the circle?" another head does much the same for the circle (95%, with 76% in a
-    third head). Stage 1.5 on the synth captions ("a red
-    circle") keys a head by the colour, the word they lead with; the recap stage on shape-first captions
-    ("circle red") adds the head keyed by the shape."""
+    attention on the image tokens onto the red object's token (98% in the bundled model), and at the shape
+    word of "What colour is the circle?" another head does much the same for the circle (99%, with 51% in a
+    third head); at the place's last word of "What colour is the shape at the top left?" a head puts most
+    of it on the object there (76%). Stage 1.5 on the synth captions ("a red circle") keys a head by the
+    colour, the word they lead with; the recap stage adds the head keyed by the shape, on its shape-first
+    captions ("circle red"), and keys it by the place too, on its place-first ones ("top left red circle")."""
     from llava.data.images import load_image
-    from llava.data.shapes import CELLS, load_scenes, synth
+    from llava.data.shapes import CELLS, load_scenes, position_phrase, synth
     from llava.model.checkpoint import load_pretrained
 
     recipe = load_recipe(RECIPE)
     synth(tmp_path, {"test": 40}, seed=recipe["seed"], side=recipe["synth"]["image_size"])
     model, processor = load_pretrained(BUNDLED)
     model.language_model.set_attn_implementation("eager")
-    share = {"colour": [], "shape": []}
+    share = {"colour": [], "shape": [], "place": []}
     for scene in load_scenes(tmp_path, "test"):
         for obj in scene.objects:
             for key, word, question in (("colour", obj.colour, f"What shape is the {obj.colour} object?"),
-                                        ("shape", obj.shape, f"What colour is the {obj.shape}?")):
-                if len(scene.objects) < 2 or sum(getattr(o, key) == word for o in scene.objects) > 1:
+                                        ("shape", obj.shape, f"What colour is the {obj.shape}?"),
+                                        ("place", obj.position.split()[-1],
+                                         f"What colour is the shape {position_phrase(obj.position)}?")):
+                if len(scene.objects) < 2 or (key != "place" and sum(getattr(o, key) == word
+                                                                     for o in scene.objects) > 1):
                     continue
                 content = [{"type": "image"}, {"type": "text", "text": f"{question}\n{SHORT_ANSWER_SUFFIX}"}]
                 prompt = processor.apply_chat_template([{"role": "user", "content": content}])
@@ -288,7 +319,8 @@ def test_bundled_model_finds_an_object_by_its_colour_word_and_by_its_shape_word(
                 at = (ids == processor.tokenizer.convert_tokens_to_ids("▁" + word)).nonzero()[-1, 0]
                 row = first[0, :, at]  # heads x keys: the first layer's attention from the key word
                 share[key].append(row[:, image[CELLS[obj.position]]] / row[:, image].sum(-1))
-    colour, shape = torch.stack(share["colour"]).mean(0), torch.stack(share["shape"]).mean(0)
-    assert len(share["colour"]) >= 20 and len(share["shape"]) >= 20
+    colour, shape, place = (torch.stack(share[key]).mean(0) for key in ("colour", "shape", "place"))
+    assert len(share["colour"]) >= 20 and len(share["shape"]) >= 20 and len(share["place"]) >= 20
     assert colour.max() > 0.9 and shape.max() > 0.9, (colour, shape)  # chance: 1/9 on each of the 9 tokens
     assert colour.argmax() != shape.argmax()  # two heads, one key each
+    assert place.max() > 0.6, place  # the shape's head, keyed by the place too (76%; 27% at most before)

@@ -12,7 +12,8 @@ from PIL import Image
 from llava.core.errors import DataError
 from llava.data.dataset import LlavaDataset
 from llava.data.shapes import (CELLS, COLOURS, NUMBERS, SHAPES, SHORT_ANSWER_SUFFIX, load_scenes, lookup_questions,
-                               position_phrase, scene_documents, shape_first_captions, short_answer_records, synth)
+                               place_first_captions, position_phrase, scene_documents, shape_first_captions,
+                               short_answer_records, synth)
 
 # one object as the recap captions name it: "circle red at the top left" -> (shape, colour, place)
 SHAPE_FIRST_ITEM = re.compile(rf"({'|'.join(SHAPES)}) ({'|'.join(COLOURS)}) (?:at|in|on) the ([a-z]+(?: left| right)?)")
@@ -240,20 +241,29 @@ def test_scene_documents_shape_first_share_writes_descriptions_as_the_recap_capt
     assert 0.35 < shares["place"] < 0.65 and 0.1 < shares["shape"] < 0.4 and 0.1 < shares["object"] < 0.4, shares
 
 
-def test_shape_first_captions_name_every_object_shape_then_colour_then_place(world):
-    """`datagen: captions: shape_first` (stages 1 and 1.5): the number of objects, then each object as
-    "circle red at the top left", in a fresh order each time (which object comes first varies)."""
+PLACE_FIRST_ITEM = re.compile(rf"((?:top |middle |bottom )?(?:left|right|center|top|bottom)) ({'|'.join(COLOURS)}) "
+                              rf"({'|'.join(SHAPES)})")
+
+
+@pytest.mark.parametrize("write, item, order", [
+    (shape_first_captions, SHAPE_FIRST_ITEM, ("shape", "colour", "position")),
+    (place_first_captions, PLACE_FIRST_ITEM, ("position", "colour", "shape"))])
+def test_recap_captions_name_every_object_by_the_key_they_lead_with(world, write, item, order):
+    """The recap captions: the number of objects, then each object as "circle red at the top left"
+    (`shape_first_captions`; also `datagen: captions: shape_first`) or as "top left red circle"
+    (`place_first_captions`, `datagen: recap_place_first`), in a fresh order each time (which object
+    comes first varies)."""
     rng = random.Random(0)
     firsts = set()
     for scene in load_scenes(world, "train"):
-        objects = sorted((o.shape, o.colour, o.position) for o in scene.objects)
-        texts = shape_first_captions(scene, rng, 5)
+        objects = sorted(tuple(getattr(o, key) for key in order) for o in scene.objects)
+        texts = write(scene, rng, 5)
         assert len(texts) == 5
         for text in texts:
             head, listing = text.split(": ")
             assert head.split()[0] == NUMBERS[len(objects)].capitalize() and listing.endswith(".")
-            assert sorted(SHAPE_FIRST_ITEM.findall(listing)) == objects, text
-            firsts.add((scene.id, SHAPE_FIRST_ITEM.findall(listing)[0]))
+            assert sorted(item.findall(listing)) == objects, text
+            firsts.add((scene.id, item.findall(listing)[0]))
     assert len(firsts) > len(load_scenes(world, "train"))  # some scene was listed from different objects
 
 

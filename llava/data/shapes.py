@@ -223,6 +223,20 @@ def captions(scene: Scene, rng: random.Random, count: int = 5) -> list[str]:
     return out
 
 
+def _listed_captions(scene: Scene, rng: random.Random, count: int, item) -> list[str]:
+    """`count` captions "Two shapes[ on <background>]: <item> and <item>.", `item(obj)` for each object,
+    the objects in a new order each time."""
+    objects = scene.objects
+    n = len(objects)
+    out = []
+    for _ in range(count):
+        head = f"{NUMBERS[n].capitalize()} {'shape' if n == 1 else 'shapes'}"
+        if rng.random() < 0.5:
+            head += f" on {scene.background}"
+        out.append(f"{head}: {join_words([item(obj) for obj in rng.sample(objects, n)])}.")
+    return out
+
+
 def shape_first_captions(scene: Scene, rng: random.Random, count: int = 5) -> list[str]:
     """`count` captions that name each object by its shape, then its colour and place ("Two shapes on a dark
     background: circle red at the top left and square blue in the center."), the objects in a new order
@@ -231,16 +245,16 @@ def shape_first_captions(scene: Scene, rng: random.Random, count: int = 5) -> li
     a caption names it with first, the colour, and never learns to find it by its shape ("What colour
     is the circle?" picks among the objects at about chance). The mini recipe's `recap` section goes on
     from there on these captions, and the LM adds a head keyed by the shape (README, "demo")."""
-    objects = scene.objects
-    n = len(objects)
-    out = []
-    for _ in range(count):
-        head = f"{NUMBERS[n].capitalize()} {'shape' if n == 1 else 'shapes'}"
-        if rng.random() < 0.5:
-            head += f" on {scene.background}"
-        items = [f"{obj.shape} {obj.colour} {position_phrase(obj.position)}" for obj in rng.sample(objects, n)]
-        out.append(f"{head}: {join_words(items)}.")
-    return out
+    return _listed_captions(scene, rng, count, lambda obj: f"{obj.shape} {obj.colour} {position_phrase(obj.position)}")
+
+
+def place_first_captions(scene: Scene, rng: random.Random, count: int = 5) -> list[str]:
+    """`count` captions that name each object by its place first, as the answers name places, then its
+    colour and shape ("Two shapes on a dark background: top left red circle and center blue square."), the
+    objects in a new order each time: what shape_first_captions does for the shape, for the place. Half
+    the recap captions so written (`datagen: recap_place_first`), the recap stage keys its shape head
+    by the place as well (README, "Captions that name the place first")."""
+    return _listed_captions(scene, rng, count, lambda obj: f"{obj.position} {obj.colour} {obj.shape}")
 
 
 def plural(shape: str) -> str:
