@@ -74,6 +74,14 @@ def _check_names(known: set[str], values: dict, section: str) -> None:
         raise TrainConfigError(f"recipe section {section!r}: unknown field {unknown[0]!r}")
 
 
+def _check_share(values: dict, name: str, section: str) -> float:
+    """values[name] (0 if absent), checked to be a number from 0 to 1."""
+    share = values.get(name, 0.0)
+    if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
+        raise TrainConfigError(f"recipe section {section!r}: {name} must be a share between 0 and 1, not {share!r}")
+    return share
+
+
 def _check_recipe(recipe: dict) -> None:
     """Every section's field names, checked before the first step runs rather than when its step comes."""
     from .train.clip import ClipConfig
@@ -83,9 +91,7 @@ def _check_recipe(recipe: dict) -> None:
     _dataclass_from(ClipConfig, recipe["clip"], "clip")
     _dataclass_from(LMConfig, _lm_config_values(recipe["lm"]), "lm")
     for name in LM_CORPUS_FIELDS:
-        share = recipe["lm"].get(name, 0.0)
-        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
-            raise TrainConfigError(f"recipe section 'lm': {name} must be a share between 0 and 1, not {share!r}")
+        _check_share(recipe["lm"], name, "lm")
     if recipe["lm"].get("place_first", 0.0) + recipe["lm"].get("shape_first", 0.0) > 1:
         raise TrainConfigError("recipe section 'lm': place_first + shape_first must be at most 1 (each is a share "
                                "of the descriptions)")
@@ -109,11 +115,7 @@ def _check_recipe(recipe: dict) -> None:
     if count and "recap" not in recipe:
         raise TrainConfigError("recipe section 'datagen': stage2_recaptions draws from the recap section's "
                                "re-captions: add a 'recap' section")
-    share = datagen.get("recap_place_first", 0.0)
-    if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
-        raise TrainConfigError(f"recipe section 'datagen': recap_place_first must be a share between 0 and 1, "
-                               f"not {share!r}")
-    if share and "recap" not in recipe:
+    if _check_share(datagen, "recap_place_first", "datagen") and "recap" not in recipe:
         raise TrainConfigError("recipe section 'datagen': recap_place_first is a share of the recap section's "
                                "captions: add a 'recap' section")
     if not isinstance(datagen.get("lookup_questions", False), bool):
