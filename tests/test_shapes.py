@@ -43,6 +43,17 @@ def test_same_seed_same_bytes_other_seed_other_images(world, tmp_path):
     assert not np.array_equal(first, other)
 
 
+def test_images_painted_over_several_processes_are_the_bytes_painted_in_one(tmp_path, monkeypatch):
+    import llava.data.shapes as shapes
+
+    monkeypatch.setattr(shapes.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    synth(tmp_path / "pool", {"train": 70}, seed=5)  # 64 or more images: a pool of two workers
+    monkeypatch.setattr(shapes.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    synth(tmp_path / "one", {"train": 70}, seed=5)
+    assert len(list((tmp_path / "one" / "train").glob("*.png"))) == 70
+    assert _digest(tmp_path / "pool") == _digest(tmp_path / "one")
+
+
 def test_splits_never_share_an_image(world):
     ids, files = {}, {}
     for split in ("train", "val", "test"):

@@ -11,6 +11,8 @@ split holds extra one-object training scenes, which the mini recipe's CLIP learn
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +84,9 @@ class Scene:
 
 # ---------------------------------------------------------------- drawing
 
-def _background(rng: random.Random, side: int) -> tuple[np.ndarray, str]:
-    """A muted background (grey-ish, low saturation so every object colour stands out) and its words."""
+def _background(rng: random.Random) -> tuple[tuple, str]:
+    """A muted background (grey-ish, low saturation so every object colour stands out) as the draws that
+    `_background_pixels` paints it from, and its words."""
     def muted():
         base = rng.randint(55, 200)
         return np.array([min(255, max(0, base + rng.randint(-20, 20))) for _ in range(3)], dtype=np.float32)
@@ -91,24 +94,32 @@ def _background(rng: random.Random, side: int) -> tuple[np.ndarray, str]:
     kind = rng.choice(("solid", "solid", "gradient", "texture"))
     first = muted()
     if kind == "solid":
-        pixels = np.broadcast_to(first, (side, side, 3)).copy()
         brightness = float(first.mean())
         words = "a dark background" if brightness < 100 else "a light background" if brightness > 160 else \
             "a grey background"
-    elif kind == "gradient":
+        return (kind, first), words
+    if kind == "gradient":
         second = muted()
+        return (kind, first, second, rng.random() < 0.5), "a gradient background"
+    return (kind, first, rng.randrange(2**32)), "a textured background"
+
+
+def _background_pixels(spec: tuple, side: int) -> np.ndarray:
+    kind, first = spec[:2]
+    if kind == "solid":
+        pixels = np.broadcast_to(first, (side, side, 3)).copy()
+    elif kind == "gradient":
+        second, transposed = spec[2:]
         ramp = np.linspace(0.0, 1.0, side, dtype=np.float32)[:, None, None]
         pixels = np.broadcast_to(first * (1 - ramp) + second * ramp, (side, side, 3))
-        if rng.random() < 0.5:
+        if transposed:
             pixels = pixels.transpose(1, 0, 2)
-        words = "a gradient background"
     else:
-        np_rng = np.random.default_rng(rng.randrange(2**32))
+        np_rng = np.random.default_rng(spec[2])
         block = 4 * SUPERSAMPLE  # blotches of 4 output pixels
         coarse = np_rng.normal(0.0, 14.0, (side // block, side // block, 3)).astype(np.float32)
         pixels = first + np.kron(coarse, np.ones((block, block, 1), dtype=np.float32))
-        words = "a textured background"
-    return np.clip(pixels, 0, 255).astype(np.uint8), words
+    return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
@@ -130,14 +141,31 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float,
         raise ValueError(f"unknown shape {shape!r}")
 
 
+@dataclass
+class Drawing:
+    """A scene's image with every random draw made: `render` paints it, the same pixels in any process."""
+    side: int
+    background: tuple  # _background's draws
+    shapes: list[tuple[str, tuple[float, float, float, float], tuple[int, int, int]]]  # (shape, box, fill), in
+                                                                                      # supersampled pixels
+
+
+def render(drawing: Drawing) -> Image.Image:
+    """The image of a `Drawing`: drawn at SUPERSAMPLE times its side, then scaled down (smooth edges)."""
+    image = Image.fromarray(_background_pixels(drawing.background, drawing.side * SUPERSAMPLE))
+    draw = ImageDraw.Draw(image)
+    for shape, box, fill in drawing.shapes:
+        _draw(draw, shape, box, fill)
+    return image.resize((drawing.side, drawing.side), Image.LANCZOS)
+
+
 def make_scene(rng: random.Random, scene_id: str, file_name: str, side: int = 96,
                min_objects: int = 1, max_objects: int = 4,
-               objects: list[tuple[str, str, str, int]] | None = None) -> tuple[Scene, Image.Image]:
-    """One random scene and its image; `objects` [(shape, colour, size, cell 0-8), ...] fixes what is
-    drawn where (sizes and positions within the cells are still jittered)."""
-    pixels, background = _background(rng, side * SUPERSAMPLE)
-    image = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(image)
+               objects: list[tuple[str, str, str, int]] | None = None) -> tuple[Scene, Drawing]:
+    """One random scene and the drawing of its image (`render` paints it); `objects` [(shape, colour, size,
+    cell 0-8), ...] fixes what is drawn where (sizes and positions within the cells are still jittered)."""
+    background, words = _background(rng)
+    drawing = Drawing(side, background, [])
     cell = side / 3
     if objects is None:
         count = rng.randint(min_objects, max_objects)
@@ -148,7 +176,7 @@ def make_scene(rng: random.Random, scene_id: str, file_name: str, side: int = 96
                 picks.append(pick)
         objects = [(shape, colour, rng.choice(list(SIZES)), cell)
                    for (shape, colour), cell in zip(picks, rng.sample(range(9), count))]
-    scene = Scene(scene_id, file_name, side, side, background)
+    scene = Scene(scene_id, file_name, side, side, words)
     for shape, colour, size, index in objects:
         row, column = divmod(index, 3)
         low, high = SIZES[size]
@@ -158,10 +186,32 @@ def make_scene(rng: random.Random, scene_id: str, file_name: str, side: int = 96
         cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
         box = (cx - width / 2, cy - width / 2, cx + width / 2, cy + width / 2)
         fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLOURS[colour])
-        _draw(draw, shape, tuple(v * SUPERSAMPLE for v in box), fill)
+        drawing.shapes.append((shape, tuple(v * SUPERSAMPLE for v in box), fill))
         bbox = [round(min(max(v / side, 0.0), 1.0), 3) for v in box]
         scene.objects.append(ShapeObject(shape, colour, size, position_name(row, column), bbox))
-    return scene, image.resize((side, side), Image.LANCZOS)
+    return scene, drawing
+
+
+def _save(job: tuple[Drawing, Path]) -> None:
+    drawing, path = job
+    render(drawing).save(path)
+
+
+def _save_all(jobs: list[tuple[Drawing, Path]], desc: str, progress: bool) -> None:
+    """Paint and write the images, over the machine's cores (the scenes were drawn in order: the same files)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="img")
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
+    if workers < 2 or len(jobs) < 64:
+        for job in jobs:
+            _save(job)
+            bar.update()
+    else:
+        with multiprocessing.Pool(workers) as pool:
+            for _ in pool.imap_unordered(_save, jobs, chunksize=16):
+                bar.update()
+    bar.close()
 
 
 # ---------------------------------------------------------------- words
@@ -354,8 +404,6 @@ def synth(output: str | Path, counts: dict[str, int], seed: int = 0, side: int =
     - `questions/pope_{split}_{random|popular|adversarial}.jsonl`: POPE's format (question_id, image, text, label).
     Returns the number of images per split.
     """
-    from tqdm import tqdm
-
     output = Path(output)
     for split, n in counts.items():
         if split not in SPLITS:
@@ -370,12 +418,13 @@ def synth(output: str | Path, counts: dict[str, int], seed: int = 0, side: int =
         folder.mkdir(parents=True, exist_ok=True)
         scenes: list[Scene] = []
         caption_rows, instance_rows, short_rows = [], [], []
-        for i in tqdm(range(n), desc=f"synth {split}", disable=not progress, unit="img"):
+        drawings = []
+        for i in range(n):
             image_id = base[split] + i
             file_name = f"{split}/{image_id}.png"
-            scene, image = make_scene(rng, str(image_id), file_name, side=side,
-                                      max_objects=1 if split == "single" else 4)
-            image.save(output / file_name)
+            scene, drawing = make_scene(rng, str(image_id), file_name, side=side,
+                                        max_objects=1 if split == "single" else 4)
+            drawings.append((drawing, output / file_name))
             scenes.append(scene)
             for text in captions(scene, rng):
                 caption_rows.append({"id": len(caption_rows) + 1, "image_id": image_id, "caption": text})
@@ -388,6 +437,7 @@ def synth(output: str | Path, counts: dict[str, int], seed: int = 0, side: int =
                     "size": obj.size, "position": obj.position, "bbox_norm": obj.bbox})
             for q in short_questions(scene, rng):
                 short_rows.append({"question_id": f"{image_id}-{len(short_rows)}", "image": file_name, **q})
+        _save_all(drawings, f"synth {split}", progress)
         images = [{"id": int(s.id), "file_name": s.file_name, "width": s.width, "height": s.height,
                    "background": s.background} for s in scenes]
         info = {"description": "llava shapes world", "split": split, "seed": seed}
