@@ -143,11 +143,11 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float,
 
 @dataclass
 class Drawing:
-    """A scene's image with every random draw made: `render` paints it, the same pixels in any process."""
+    """A scene's image with every random draw made: `render` paints it, the same pixels in any process.
+    `shapes` holds (shape, box, fill) with the box in supersampled pixels."""
     side: int
     background: tuple  # _background's draws
-    shapes: list[tuple[str, tuple[float, float, float, float], tuple[int, int, int]]]  # (shape, box, fill), in
-                                                                                      # supersampled pixels
+    shapes: list[tuple[str, tuple[float, float, float, float], tuple[int, int, int]]]
 
 
 def render(drawing: Drawing) -> Image.Image:
