@@ -105,6 +105,7 @@ def _background(rng: random.Random) -> tuple[tuple, str]:
 
 
 def _background_pixels(spec: tuple, side: int) -> np.ndarray:
+    """The (side, side, 3) uint8 pixels of `_background`'s draws."""
     kind, first = spec[:2]
     if kind == "solid":
         pixels = np.broadcast_to(first, (side, side, 3)).copy()
