@@ -341,3 +341,42 @@ def test_clip_cli_uses_the_bundled_model(shapes_images, tmp_path, capsys):
                  str(shapes_images / scene.file_name), "--top-k", "2"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.endswith(scene.file_name.split("/")[-1])
+
+
+def test_text_features_in_length_buckets_and_through_shared_prefixes_are_transformers_own(random_clip):
+    """The CLIP trainer's two cheaper ways through the text encoder give what CLIPModel gives for the whole
+    texts padded together, features and gradients: texts in buckets of like length, and phrases that share
+    their first words ("a red circle" + "on the left") with each prefix through the encoder once. A pair
+    that does not tokenize as its two halves (here: truncated) goes through whole."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from llava.train.clip import _bucketed_text_features, _length_buckets, _prefixed_pieces, _prefixed_text_features
+
+    model = CLIPModel.from_pretrained(random_clip)
+    tokenizer = AutoTokenizer.from_pretrained(random_clip)
+    pairs = [("a red circle", ""), ("a red circle", "on the left"), ("a blue square", "on the left"),
+             ("a blue square", "a red circle on the left"), ("", "on the left"), ("a photo of a red circle", "")]
+    texts = [" ".join(part for part in pair if part) for pair in pairs]
+
+    def reference():
+        features = model.get_text_features(**tokenizer(texts, padding=True, truncation=True, max_length=8,
+                                                       return_tensors="pt"))
+        return getattr(features, "pooler_output", features)
+
+    def gradients(features):
+        model.zero_grad()
+        (features * torch.linspace(-1, 1, features.numel()).view_as(features)).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.text_model.parameters() if p.grad is not None])
+
+    expected = reference().detach()
+    expected_grads = gradients(reference())
+    prefix_ids, tail_ids, owner = _prefixed_pieces(tokenizer, pairs, max_length=8)
+    assert len(prefix_ids) == 4  # "", "a red circle", "a blue square", "a photo of a red circle"
+    assert owner.tolist()[3] == owner.tolist()[4]  # the truncated pair went whole, behind the bare <s>
+    assert len({owner.tolist()[0], owner.tolist()[1]}) == 1 and owner.tolist()[1] != owner.tolist()[2]
+    for features in (_prefixed_text_features(model, prefix_ids, tail_ids, owner),
+                     _bucketed_text_features(model, tokenizer, texts, max_length=8)):
+        torch.testing.assert_close(features.detach(), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gradients(features), expected_grads, atol=1e-5, rtol=1e-4)
+    buckets = _length_buckets([3, 9, 4, 36, 10, 5])
+    assert [b.tolist() for b in buckets] == [[0], [2, 5], [1, 4], [3]]  # each within 1.25 times its shortest

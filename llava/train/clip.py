@@ -115,6 +115,110 @@ def _region_labels(regions: dict[str, list[str]], paths: list[str], patches: int
     return phrases, torch.tensor([[index[phrase] for phrase in regions[path]] for path in paths])
 
 
+def _length_buckets(lengths: list[int], stretch: float = 1.25) -> list[torch.Tensor]:
+    """Indices of texts of `lengths` in buckets of like length, shortest first: a bucket takes texts while
+    they are at most `stretch` times its shortest. CLIP's text encoder is causal and pools at </s>, so
+    what follows a text's </s> changes nothing of its embedding: each bucket is padded to its own longest
+    text rather than all to the batch's longest (a step's captions and their hard negatives run from 5
+    to 36 tokens, most of them under 10): the same embeddings for less compute."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    buckets: list[list[int]] = []
+    for i in order:
+        if not buckets or lengths[i] > stretch * lengths[buckets[-1][0]]:
+            buckets.append([])
+        buckets[-1].append(i)
+    return [torch.tensor(bucket) for bucket in buckets]
+
+
+def _bucketed_text_features(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
+    """CLIP text features (the projected pooled </s>) of `texts`, computed in `_length_buckets`."""
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    buckets = _length_buckets([len(row) for row in ids])
+    features = [model.get_text_features(**tokenizer.pad({"input_ids": [ids[i] for i in bucket]}, return_tensors="pt"))
+                for bucket in buckets]
+    features = torch.cat([getattr(f, "pooler_output", f) for f in features])  # transformers 5 returns an output
+    return features[torch.argsort(torch.cat(buckets))]
+
+
+def _prefixed_pieces(tokenizer, pairs: list[tuple[str, str]], max_length: int):
+    """(prefix ids, tail ids, owner) for `_prefixed_text_features`: the distinct first halves of `pairs`
+    ("a small red circle"; "" for none) as <s> and their tokens, and per pair the second half's tokens and
+    </s>, with the index of its prefix. A pair whose joined text does not tokenize as the two halves do
+    (or would be truncated) is kept whole behind the bare <s>."""
+    joined = [" ".join(part for part in pair if part) for pair in pairs]
+    whole = tokenizer(joined, truncation=True, max_length=max_length)["input_ids"]
+    starts = sorted({first for first, _ in pairs} | {""})
+    prefix_ids = [tokenizer(first)["input_ids"][:-1] for first in starts]  # less the </s> appended
+    bare = starts.index("")
+    tail_ids, owner = [], []
+    for (first, second), ids in zip(pairs, whole):
+        prefix = prefix_ids[starts.index(first)]
+        tail = tokenizer(second, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if second \
+            else [tokenizer.eos_token_id]
+        if prefix + tail == ids:
+            tail_ids.append(tail)
+            owner.append(starts.index(first))
+        else:
+            tail_ids.append(ids[1:])
+            owner.append(bare)
+    return prefix_ids, tail_ids, torch.tensor(owner)
+
+
+def _causal(n: int) -> torch.Tensor:
+    """(n, n) bool: token i may attend to tokens 0..i."""
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def _heads(attention, projection, states: torch.Tensor) -> torch.Tensor:
+    """`projection(states)` split into CLIP attention's heads: (batch, heads, tokens, head_dim)."""
+    return projection(states).unflatten(-1, (attention.num_heads, attention.head_dim)).transpose(1, 2)
+
+
+def _prefixed_text_features(model, prefix_ids: list[list[int]], tail_ids: list[list[int]], owner: torch.Tensor):
+    """CLIP text features (the projected pooled </s>) of the texts prefix_ids[owner[i]] + tail_ids[i], each
+    prefix through the encoder once. The text encoder is causal, so a prefix's states are the same in every
+    text that starts with it: the tails attend to the keys and values of their prefix's pass. The region
+    phrases of `train_clip` share their first words nine times over ("a small red circle" before each
+    place), which halves the tokens the phrase terms take through the encoder each step."""
+    import torch.nn.functional as F
+
+    text = model.text_model
+
+    def padded(rows):
+        width = max(len(row) for row in rows)
+        ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+        return ids, torch.arange(width) < torch.tensor([len(row) for row in rows])[:, None]
+
+    prefixes, prefix_mask = padded(prefix_ids)
+    tails, tail_mask = padded(tail_ids)
+    prefix_attend = (_causal(prefixes.shape[1]) & prefix_mask[:, None, :])[:, None]
+    tail_attend = torch.cat([prefix_mask[owner][:, None, :].expand(-1, tails.shape[1], -1),
+                             _causal(tails.shape[1]) & tail_mask[:, None, :]], dim=-1)[:, None]
+    start = prefix_mask.sum(1)[owner, None]
+    hidden_p = text.embeddings(input_ids=prefixes)
+    hidden_t = text.embeddings(input_ids=tails, position_ids=start + torch.arange(tails.shape[1]))
+    for layer in text.encoder.layers:
+        attention = layer.self_attn
+        normed_p, normed_t = layer.layer_norm1(hidden_p), layer.layer_norm1(hidden_t)
+        # in the order the bundled CLIP was trained with: autograd adds up each weight's two gradients in
+        # the order its uses were made, so another order rounds (and trains) differently
+        keys_p, values_p = _heads(attention, attention.k_proj, normed_p), _heads(attention, attention.v_proj, normed_p)
+        out_p = F.scaled_dot_product_attention(_heads(attention, attention.q_proj, normed_p), keys_p, values_p,
+                                               attn_mask=prefix_attend, scale=attention.scale)
+        queries_t = _heads(attention, attention.q_proj, normed_t)
+        keys_t = torch.cat([keys_p[owner], _heads(attention, attention.k_proj, normed_t)], dim=2)
+        values_t = torch.cat([values_p[owner], _heads(attention, attention.v_proj, normed_t)], dim=2)
+        out_t = F.scaled_dot_product_attention(queries_t, keys_t, values_t, attn_mask=tail_attend,
+                                               scale=attention.scale)
+        hidden_p = hidden_p + attention.out_proj(out_p.transpose(1, 2).flatten(2))
+        hidden_t = hidden_t + attention.out_proj(out_t.transpose(1, 2).flatten(2))
+        hidden_p = hidden_p + layer.mlp(layer.layer_norm2(hidden_p))
+        hidden_t = hidden_t + layer.mlp(layer.layer_norm2(hidden_t))
+    ends = tail_mask.sum(1) - 1  # each tail's </s>
+    pooled = text.final_layer_norm(hidden_t[torch.arange(len(tails)), ends])
+    return model.text_projection(pooled)
+
+
 def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig, output: str | Path,
                progress: bool = False, swap_groups: tuple[tuple[str, ...], ...] = (),
                curriculum: list[tuple[str, list[str]]] = (),
@@ -175,18 +279,22 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
                                "patches (one phrase per patch, row by row)")
     if config.region_place_weight > 0 and (regions is None or places is None):
         raise TrainConfigError("CLIP region_place_weight: the term needs both region phrases and place phrases")
-    terms = []  # (weight, phrase tokens, labels: per row of `everything`, per patch, an index into the phrases)
+    # (weight, phrases as (what, where) pairs, labels: per row of `everything`, per patch, an index into them)
+    terms = []
     if regions is not None and (config.region_weight > 0 or config.region_place_weight > 0):
         phrases, labels = _region_labels(regions, paths, patches)  # checks one phrase per patch for every image
         if config.region_weight > 0:
-            terms.append((config.region_weight, phrases, labels))
+            terms.append((config.region_weight, [(phrase, "") for phrase in phrases], labels))
     if places is not None and config.place_weight > 0:
-        terms.append((config.place_weight, list(places), torch.arange(patches).expand(len(paths), -1)))
+        terms.append((config.place_weight, [("", place) for place in places],
+                      torch.arange(patches).expand(len(paths), -1)))
     if config.region_place_weight > 0:
         joint = {path: [f"{phrase} {place}" for phrase, place in zip(regions[path], places)] for path in paths}
-        terms.append((config.region_place_weight, *_region_labels(joint, paths, patches)))
-    terms = [(weight, tokenizer(phrases, padding=True, truncation=True, max_length=config.max_text_length,
-                                return_tensors="pt"), labels) for weight, phrases, labels in terms]
+        split = {f"{phrase} {place}": (phrase, place) for phrase in phrases for place in places}
+        phrases, labels = _region_labels(joint, paths, patches)
+        terms.append((config.region_place_weight, [split[phrase] for phrase in phrases], labels))
+    phrase_pieces = _prefixed_pieces(tokenizer, [pair for _, term_pairs, _ in terms for pair in term_pairs],
+                                     config.max_text_length) if terms else None
     pixels = torch.from_numpy(np.stack([processor.preprocess_one(load_image(path)) for path, _ in
                                         tqdm(everything, desc="clip images", disable=not progress, unit="img")]))
     main_rows, first_rows = list(range(len(pairs))), list(range(len(pairs), len(everything)))
@@ -205,10 +313,6 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
         rows, orders[which] = orders[which][:count], orders[which][count:]
         return rows
 
-    def embed_texts(tokens):  # normalised text embeddings (the projected pooled </s>)
-        embeds = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        return F.normalize(getattr(embeds, "pooler_output", embeds), dim=-1)
-
     bar = tqdm(range(config.steps), desc="train clip", disable=not progress, unit="step")
     for step in bar:
         if not first_rows:
@@ -220,18 +324,18 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
         texts = [rng.choice(everything[i][1]) for i in rows]
         negatives = [swap_one_word(t, swap_groups, rng) for t in texts] if config.hard_negatives else []
         negatives = [n for n in negatives if n is not None]
-        tokens = tokenizer(texts + negatives, padding=True, truncation=True, max_length=config.max_text_length,
-                           return_tensors="pt")
         vision = model.get_image_features(pixel_values=pixels[rows])  # pooler_output: the projected class token
-        text_embeds = embed_texts(tokens)
+        text_embeds = F.normalize(_bucketed_text_features(model, tokenizer, texts + negatives,
+                                                          config.max_text_length), dim=-1)
         image_embeds = F.normalize(vision.pooler_output, dim=-1)
         positives = torch.tensor([[a == b for b in texts + negatives] for a in texts])
         loss = _contrastive_loss(image_embeds, text_embeds, model.logit_scale.exp(), positives)
         if terms:
             patch_embeds = F.normalize(patch_embeddings(model, vision.last_hidden_state), dim=-1)
-        for weight, phrase_tokens, labels in terms:
-            loss = loss + weight * _region_loss(patch_embeds, embed_texts(phrase_tokens), model.logit_scale.exp(),
-                                                labels[rows])
+            phrase_embeds = F.normalize(_prefixed_text_features(model, *phrase_pieces), dim=-1)
+        for weight, phrases, labels in terms:
+            term_embeds, phrase_embeds = phrase_embeds[:len(phrases)], phrase_embeds[len(phrases):]
+            loss = loss + weight * _region_loss(patch_embeds, term_embeds, model.logit_scale.exp(), labels[rows])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
