@@ -195,19 +195,22 @@ def _prefixed_text_features(model, prefix_ids: list[list[int]], tail_ids: list[l
     tail_attend = torch.cat([prefix_mask[owner][:, None, :].expand(-1, tails.shape[1], -1),
                              _causal(tails.shape[1]) & tail_mask[:, None, :]], dim=-1)[:, None]
     start = prefix_mask.sum(1)[owner, None]
+    # each tail's prefix picked by a one-hot product rather than by indexing: indexing's backward adds the
+    # nine tails' gradients into their prefix in whatever order its threads finish (another CLIP each run)
+    pick = F.one_hot(owner, len(prefix_ids)).float()
     hidden_p = text.embeddings(input_ids=prefixes)
     hidden_t = text.embeddings(input_ids=tails, position_ids=start + torch.arange(tails.shape[1]))
     for layer in text.encoder.layers:
         attention = layer.self_attn
         normed_p, normed_t = layer.layer_norm1(hidden_p), layer.layer_norm1(hidden_t)
-        # in the order the bundled CLIP was trained with: autograd adds up each weight's two gradients in
-        # the order its uses were made, so another order rounds (and trains) differently
         keys_p, values_p = _heads(attention, attention.k_proj, normed_p), _heads(attention, attention.v_proj, normed_p)
         out_p = F.scaled_dot_product_attention(_heads(attention, attention.q_proj, normed_p), keys_p, values_p,
                                                attn_mask=prefix_attend, scale=attention.scale)
         queries_t = _heads(attention, attention.q_proj, normed_t)
-        keys_t = torch.cat([keys_p[owner], _heads(attention, attention.k_proj, normed_t)], dim=2)
-        values_t = torch.cat([values_p[owner], _heads(attention, attention.v_proj, normed_t)], dim=2)
+        keys_t = torch.cat([torch.einsum("tp,phkd->thkd", pick, keys_p), _heads(attention, attention.k_proj, normed_t)],
+                           dim=2)
+        values_t = torch.cat([torch.einsum("tp,phkd->thkd", pick, values_p),
+                              _heads(attention, attention.v_proj, normed_t)], dim=2)
         out_t = F.scaled_dot_product_attention(queries_t, keys_t, values_t, attn_mask=tail_attend,
                                                scale=attention.scale)
         hidden_p = hidden_p + attention.out_proj(out_p.transpose(1, 2).flatten(2))
