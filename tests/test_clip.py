@@ -370,11 +370,12 @@ def test_text_features_in_length_buckets_and_through_shared_prefixes_are_transfo
 
     expected = reference().detach()
     expected_grads = gradients(reference())
-    prefix_ids, tail_ids, owner = _prefixed_pieces(tokenizer, pairs, max_length=8)
-    assert len(prefix_ids) == 4  # "", "a red circle", "a blue square", "a photo of a red circle"
-    assert owner.tolist()[3] == owner.tolist()[4]  # the truncated pair went whole, behind the bare <s>
-    assert len({owner.tolist()[0], owner.tolist()[1]}) == 1 and owner.tolist()[1] != owner.tolist()[2]
-    for features in (_prefixed_text_features(model, prefix_ids, tail_ids, owner),
+    pieces = _prefixed_pieces(tokenizer, pairs, max_length=8)
+    owner = pieces["pick"].argmax(1).tolist()
+    assert len(pieces["prefixes"]) == 4  # "", "a red circle", "a blue square", "a photo of a red circle"
+    assert owner[3] == owner[4]  # the truncated pair went whole, behind the bare <s>
+    assert len({owner[0], owner[1]}) == 1 and owner[1] != owner[2]
+    for features in (_prefixed_text_features(model, **pieces),
                      _bucketed_text_features(model, tokenizer, texts, max_length=8)):
         torch.testing.assert_close(features.detach(), expected, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(gradients(features), expected_grads, atol=1e-5, rtol=1e-4)

@@ -140,28 +140,40 @@ def _bucketed_text_features(model, tokenizer, texts: list[str], max_length: int)
     return features[torch.argsort(torch.cat(buckets))]
 
 
-def _prefixed_pieces(tokenizer, pairs: list[tuple[str, str]], max_length: int):
-    """(prefix ids, tail ids, owner) for `_prefixed_text_features`: the distinct first halves of `pairs`
-    ("a small red circle"; "" for none) as <s> and their tokens, and per pair the second half's tokens and
-    </s>, with the index of its prefix. A pair whose joined text does not tokenize as the two halves do
-    (or would be truncated) is kept whole behind the bare <s>."""
+def _prefixed_pieces(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> dict[str, torch.Tensor]:
+    """What `_prefixed_text_features` takes, built once: the distinct first halves of `pairs` ("a small red
+    circle"; "" for none) as <s> and their tokens (`prefixes`, padded, with `prefix_mask`), per pair the
+    second half's tokens and </s> (`tails`, `tail_mask`) and the one-hot `pick` of its prefix. A pair whose
+    joined text does not tokenize as the two halves do (or would be truncated) is kept whole behind the
+    bare <s>."""
     joined = [" ".join(part for part in pair if part) for pair in pairs]
     whole = tokenizer(joined, truncation=True, max_length=max_length)["input_ids"]
     starts = sorted({first for first, _ in pairs} | {""})
+    position = {first: i for i, first in enumerate(starts)}
     prefix_ids = [tokenizer(first)["input_ids"][:-1] for first in starts]  # less the </s> appended
-    bare = starts.index("")
     tail_ids, owner = [], []
     for (first, second), ids in zip(pairs, whole):
-        prefix = prefix_ids[starts.index(first)]
         tail = tokenizer(second, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] if second \
             else [tokenizer.eos_token_id]
-        if prefix + tail == ids:
+        if prefix_ids[position[first]] + tail == ids:
             tail_ids.append(tail)
-            owner.append(starts.index(first))
+            owner.append(position[first])
         else:
             tail_ids.append(ids[1:])
-            owner.append(bare)
-    return prefix_ids, tail_ids, torch.tensor(owner)
+            owner.append(position[""])
+    prefixes, prefix_mask = _padded(prefix_ids)
+    tails, tail_mask = _padded(tail_ids)
+    # each tail's prefix picked by a one-hot product rather than by indexing: indexing's backward adds the
+    # nine tails' gradients into their prefix in whatever order its threads finish (another CLIP each run)
+    pick = torch.nn.functional.one_hot(torch.tensor(owner), len(starts)).float()
+    return {"prefixes": prefixes, "prefix_mask": prefix_mask, "tails": tails, "tail_mask": tail_mask, "pick": pick}
+
+
+def _padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask): `rows` right-padded with 0 to the longest, and which places are real tokens."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    return ids, torch.arange(width) < torch.tensor([len(row) for row in rows])[:, None]
 
 
 def _causal(n: int) -> torch.Tensor:
@@ -174,30 +186,22 @@ def _heads(attention, projection, states: torch.Tensor) -> torch.Tensor:
     return projection(states).unflatten(-1, (attention.num_heads, attention.head_dim)).transpose(1, 2)
 
 
-def _prefixed_text_features(model, prefix_ids: list[list[int]], tail_ids: list[list[int]], owner: torch.Tensor):
-    """CLIP text features (the projected pooled </s>) of the texts prefix_ids[owner[i]] + tail_ids[i], each
-    prefix through the encoder once. The text encoder is causal, so a prefix's states are the same in every
-    text that starts with it: the tails attend to the keys and values of their prefix's pass. The region
-    phrases of `train_clip` share their first words nine times over ("a small red circle" before each
-    place), which halves the tokens the phrase terms take through the encoder each step."""
+def _prefixed_text_features(model, prefixes: torch.Tensor, prefix_mask: torch.Tensor, tails: torch.Tensor,
+                            tail_mask: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """CLIP text features (the projected pooled </s>) of each tail after the prefix `pick` names (the
+    tensors of `_prefixed_pieces`), each prefix through the encoder once. The text encoder is causal, so a
+    prefix's states are the same in every text that starts with it: the tails attend to the keys and
+    values of their prefix's pass. The region phrases of `train_clip` share their first words nine times
+    over ("a small red circle" before each place), which halves the tokens the phrase terms take through
+    the encoder each step."""
     import torch.nn.functional as F
 
     text = model.text_model
-
-    def padded(rows):
-        width = max(len(row) for row in rows)
-        ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
-        return ids, torch.arange(width) < torch.tensor([len(row) for row in rows])[:, None]
-
-    prefixes, prefix_mask = padded(prefix_ids)
-    tails, tail_mask = padded(tail_ids)
+    owner = pick.argmax(1)
     prefix_attend = (_causal(prefixes.shape[1]) & prefix_mask[:, None, :])[:, None]
     tail_attend = torch.cat([prefix_mask[owner][:, None, :].expand(-1, tails.shape[1], -1),
                              _causal(tails.shape[1]) & tail_mask[:, None, :]], dim=-1)[:, None]
     start = prefix_mask.sum(1)[owner, None]
-    # each tail's prefix picked by a one-hot product rather than by indexing: indexing's backward adds the
-    # nine tails' gradients into their prefix in whatever order its threads finish (another CLIP each run)
-    pick = F.one_hot(owner, len(prefix_ids)).float()
     hidden_p = text.embeddings(input_ids=prefixes)
     hidden_t = text.embeddings(input_ids=tails, position_ids=start + torch.arange(tails.shape[1]))
     for layer in text.encoder.layers:
@@ -335,7 +339,7 @@ def train_clip(pairs: list[tuple[str, list[str]]], tokenizer, config: ClipConfig
         loss = _contrastive_loss(image_embeds, text_embeds, model.logit_scale.exp(), positives)
         if terms:
             patch_embeds = F.normalize(patch_embeddings(model, vision.last_hidden_state), dim=-1)
-            phrase_embeds = F.normalize(_prefixed_text_features(model, *phrase_pieces), dim=-1)
+            phrase_embeds = F.normalize(_prefixed_text_features(model, **phrase_pieces), dim=-1)
         for weight, phrases, labels in terms:
             term_embeds, phrase_embeds = phrase_embeds[:len(phrases)], phrase_embeds[len(phrases):]
             loss = loss + weight * _region_loss(patch_embeds, term_embeds, model.logit_scale.exp(), labels[rows])
