@@ -176,6 +176,29 @@ def test_the_language_model_starts_at_the_recipes_weight_scale(tmp_path, init_st
         pretrain_lm(["a red circle"] * 20, tokenizer, LMConfig(init_std=0.0), tmp_path / "zero")
 
 
+def test_the_language_models_heads_can_be_wider_than_hidden_size_over_heads(tmp_path):
+    """`lm: head_dim` is LlamaConfig's own: each head's queries, keys and values that wide, whatever
+    hidden_size / heads is; the saved model says so and runs as LlamaForCausalLM."""
+    from transformers import LlamaForCausalLM
+
+    from llava.train.lm import LMConfig, pretrain_lm, train_tokenizer
+
+    tokenizer = train_tokenizer(["a red circle on the left", "a blue square at the top"] * 20, 200)
+    config = LMConfig(hidden_size=32, layers=1, heads=4, kv_heads=4, head_dim=12, intermediate_size=64,
+                      block_size=16, batch_size=2, steps=2)
+    pretrain_lm(["a red circle on the left"] * 20, tokenizer, config, tmp_path / "lm")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "lm")
+    attention = model.model.layers[0].self_attn
+    assert model.config.head_dim == 12
+    assert attention.q_proj.weight.shape == (48, 32) and attention.o_proj.weight.shape == (32, 48)
+    logits = model(torch.tensor([[1, 5, 6]])).logits
+    assert logits.shape == (1, 3, len(tokenizer)) and torch.isfinite(logits).all()
+    with pytest.raises(TrainConfigError, match="lm.hidden_size 30 is not a multiple of lm.heads 4"):
+        pretrain_lm(["a red circle"] * 20, tokenizer, LMConfig(hidden_size=30, heads=4), tmp_path / "x")
+    with pytest.raises(TrainConfigError, match="lm.head_dim must be > 0"):
+        pretrain_lm(["a red circle"] * 20, tokenizer, LMConfig(head_dim=-1), tmp_path / "y")
+
+
 def test_a_second_run_skips_what_is_done(demo, tmp_path):
     again = run_demo(demo.work, demo.work.parent / "micro.yaml", progress=False, log=lambda m: None)
     assert all(s.skipped for s in again.steps) and again.metrics == demo.metrics

@@ -65,6 +65,7 @@ class LMConfig:
     layers: int = 4
     heads: int = 4
     kv_heads: int = 4
+    head_dim: int | None = None  # LlamaConfig.head_dim: each head's query/key/value width; None: hidden_size / heads
     intermediate_size: int = 688
     max_positions: int = 512
     block_size: int = 128
@@ -85,7 +86,7 @@ def llama_config(config: LMConfig, vocab_size: int, **special_ids):
         vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
         max_position_embeddings=config.max_positions, initializer_range=config.init_std, tie_word_embeddings=False,
-        **special_ids)
+        **({"head_dim": config.head_dim} if config.head_dim is not None else {}), **special_ids)
 
 
 def pretrain_lm(texts: list[str], tokenizer, config: LMConfig, output: str | Path, progress: bool = False) -> dict:
@@ -96,8 +97,10 @@ def pretrain_lm(texts: list[str], tokenizer, config: LMConfig, output: str | Pat
 
     if not texts:
         raise TrainConfigError("language model pretraining: the corpus is empty")
-    if config.hidden_size % config.heads:
+    if config.hidden_size % config.heads:  # LlamaConfig asks it even where head_dim is set
         raise TrainConfigError(f"lm.hidden_size {config.hidden_size} is not a multiple of lm.heads {config.heads}")
+    if config.head_dim is not None and config.head_dim <= 0:
+        raise TrainConfigError(f"lm.head_dim must be > 0, got {config.head_dim}")
     if not config.init_std > 0:
         raise TrainConfigError(f"lm.init_std must be > 0 (the initial weights' standard deviation), "
                                f"got {config.init_std}")
