@@ -86,7 +86,7 @@ def llama_config(config: LMConfig, vocab_size: int, **special_ids):
         vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
         max_position_embeddings=config.max_positions, initializer_range=config.init_std, tie_word_embeddings=False,
-        **({"head_dim": config.head_dim} if config.head_dim is not None else {}), **special_ids)
+        head_dim=config.head_dim, **special_ids)
 
 
 def pretrain_lm(texts: list[str], tokenizer, config: LMConfig, output: str | Path, progress: bool = False) -> dict:
